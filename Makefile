@@ -1,0 +1,32 @@
+# make demo  - set up, then certify the embedded default and print the table
+# make test  - set up, then run the default test suite (no slow, no GPU tests)
+# make setup - create/update .venv (idempotent; a no-op when nothing changed)
+PY := .venv/bin/python
+STAMP := .venv/.densepure-setup
+SETUP_INPUTS := requirements/lock.txt pyproject.toml infra/setup.sh infra/_densepure_tvfix.py infra/densepure_tvfix.pth
+
+.PHONY: setup demo test test-slow lock clean-results
+setup: $(STAMP)
+
+$(STAMP): $(SETUP_INPUTS)
+	bash infra/setup.sh
+	touch $@
+
+demo: setup
+	.venv/bin/densepure certify
+
+test: setup
+	$(PY) -m pytest -q
+
+# Slow tests (training, long certifications): run by `make test-slow`, see docs/testing.md.
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+# Re-resolve requirements/base.in into the lock. The torch pin is written without the local
+# "+cpu" tag so the same lock installs a CUDA build on GPU machines.
+lock:
+	uv pip compile requirements/base.in --python-version 3.11 --find-links /opt/wheels -o requirements/lock.txt
+	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' requirements/lock.txt
+
+clean-results:
+	rm -rf results

@@ -1,0 +1,1 @@
+"""densepure_core."""

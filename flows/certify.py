@@ -1,0 +1,122 @@
+"""The certification flow: plan -> vote (Ray actors) -> aggregate (DuckDB) -> report.
+
+Run it with ``densepure certify [--config FILE] [--out DIR|s3://...]``; with no config it runs
+the embedded default (``configs/default.yaml``). Without ``PREFECT_API_URL`` Prefect starts a
+temporary local server for the run (no server to manage); with it, runs are recorded there.
+
+Rerunning the same command on the same OUT finishes only what is missing (see tasks/plan.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+# Quiet, local-only Prefect defaults; explicit settings in the environment win.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+
+from densepure_core.config import CertifyConfig  # noqa: E402
+from tasks import aggregate as aggregate_mod  # noqa: E402
+from tasks import report as report_mod  # noqa: E402
+from tasks.plan import Plan, plan_run, plan_summary  # noqa: E402
+from tasks.vote import ShardResult, run_vote_stage  # noqa: E402
+
+__all__ = ["certify_flow", "ProgressPrinter", "run_certify"]
+
+
+@dataclass
+class ProgressPrinter:
+    """Live progress of the vote stage: images done/total, images/s, ETA (stderr)."""
+
+    total: int
+    done: int = 0
+    computed: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    stream: object = field(default_factory=lambda: sys.stderr)
+
+    def __call__(self, res: ShardResult) -> None:
+        self.done += res.images
+        if not res.skipped:
+            self.computed += res.images
+        elapsed = time.perf_counter() - self.start
+        rate = self.computed / elapsed if elapsed > 0 else 0.0
+        remaining = self.total - self.done
+        eta = remaining / rate if rate > 0 else float("nan")
+        tag = "skipped (complete)" if res.skipped else f"{res.seconds:.1f}s"
+        print(f"  [vote] {self.done}/{self.total} images ({100 * self.done / max(1, self.total):.0f}%)  "
+              f"{rate:.2f} img/s  ETA {eta:.0f}s  | sigma={res.sigma} {res.method} shard {res.shard} {tag}",
+              file=self.stream, flush=True)
+
+
+@task(name="plan")
+def plan_task(cfg: CertifyConfig, out: str) -> Plan:
+    plan = plan_run(cfg, out)
+    get_run_logger().info("plan: %s", plan_summary(plan))
+    return plan
+
+
+@task(name="vote")
+def vote_task(cfg: CertifyConfig, plan: Plan, ray_address: str | None, progress: bool) -> list[ShardResult]:
+    total = len(plan.records) * len(plan.partitions)
+    printer = ProgressPrinter(total) if progress else None
+    results = run_vote_stage(cfg, plan, ray_address=ray_address, on_result=printer)
+    logger = get_run_logger()
+    recomputed = [r for r in results if r.recomputed_reason]
+    for r in recomputed:
+        logger.warning("recomputed shard sigma=%s %s %s: %s", r.sigma, r.method, r.shard, r.recomputed_reason)
+    logger.info("vote: %d shards computed, %d already complete",
+                sum(not r.skipped for r in results), sum(r.skipped for r in results))
+    return results
+
+
+@task(name="aggregate")
+def aggregate_task(out: str, alpha: float, radii: list[float], expected: dict, allow_partial: bool):
+    return aggregate_mod.aggregate(out, alpha=alpha, radii=radii, expected=expected, allow_partial=allow_partial)
+
+
+@task(name="report")
+def report_task(out: str) -> str:
+    return report_mod.write_report(out)
+
+
+@flow(name="densepure-certify")
+def certify_flow(config: dict, out: str | None = None, ray_address: str | None = None,
+                 allow_partial: bool = False, progress: bool = True) -> dict:
+    """Certify the dataset of ``config``; returns per-stage seconds and the output location."""
+    cfg = CertifyConfig.model_validate(config)
+    out = out or cfg.out
+    timings = {}
+    t0 = time.perf_counter()
+    plan = plan_task(cfg, out)
+    timings["plan"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results = vote_task(cfg, plan, ray_address, progress)
+    timings["vote"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    aggregate_task(out, cfg.alpha, cfg.radii, plan.expected_images(), allow_partial)
+    timings["aggregate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report = report_task(out)
+    timings["report"] = time.perf_counter() - t0
+    create_markdown_artifact(report, key="densepure-report", description=f"certification report for {out}")
+    create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
+                          key="densepure-stage-timings")
+    return {
+        "out": out, "run_id": plan.run_id, "timings": timings, "report": report,
+        "computed_shards": sum(not r.skipped for r in results), "skipped_shards": sum(r.skipped for r in results),
+        "images": len(plan.records),
+    }
+
+
+def run_certify(cfg: CertifyConfig, out: str | None = None, ray_address: str | None = None,
+                allow_partial: bool = False, progress: bool = True) -> dict:
+    """Run :func:`certify_flow` for a validated config (the CLI's entry point)."""
+    return certify_flow(cfg.model_dump(mode="json"), out=out, ray_address=ray_address,
+                        allow_partial=allow_partial, progress=progress)

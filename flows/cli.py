@@ -1,0 +1,140 @@
+"""The ``densepure`` command line (typer). Every command has ``--help``.
+
+    densepure certify [--config FILE] [--out DIR|s3://b/p] [--ray-address ADDR] [--set k=v ...]
+    densepure sql OUT "SELECT ..." [--alpha A] [--format table|csv|json]
+    densepure report OUT
+    densepure export-tsv OUT [--dest DIR]
+    densepure train-toy [--out DIR] [--seed N] [--quick]
+    densepure config show [--config FILE] [--set k=v ...]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Certified robustness of image classifiers with diffusion purification "
+                       "(randomized smoothing, DDS, DensePure).")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect and validate configs.")
+app.add_typer(config_app, name="config")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _load(config: Path | None, overrides: list[str]):
+    from densepure_core.config import ConfigError, load_config
+
+    path = config or DEFAULT_CONFIG
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def certify(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config; default: the embedded default "
+                                "(configs/default.yaml: bundled digits models and data)."),
+    out: str = typer.Option(None, "--out", "-o", help="Output directory or s3://bucket/prefix (default: the config's out)."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (default: local Ray on loopback)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field: key=value (dotted keys, YAML values)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Publish accuracy even if images are missing."),
+):
+    """Certify a dataset: plan shards, vote on Ray actors, aggregate with DuckDB, write the report."""
+    cfg = _load(config, set_)
+    from flows.certify import run_certify
+    from tasks.plan import PlanError
+
+    out = out or cfg.out
+    typer.echo(f"densepure certify: run '{cfg.run_name}' -> {out} "
+               f"({len(cfg.sigmas)} sigma x {len(cfg.methods)} methods, n0={cfg.n0}, n={cfg.n}, alpha={cfg.alpha})",
+               err=True)
+    try:
+        result = run_certify(cfg, out=out, ray_address=ray_address, allow_partial=allow_partial)
+    except (PlanError, ValueError, OSError) as exc:
+        _fail(str(exc), 1)
+    timings = "  ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items())
+    typer.echo(f"stages: {timings}  (computed {result['computed_shards']} shards, "
+               f"{result['skipped_shards']} already complete)", err=True)
+    typer.echo(result["report"])
+    typer.echo(f"results: {out}  (query them: densepure sql {out} \"SELECT * FROM accuracy\")", err=True)
+
+
+@app.command()
+def sql(
+    out: str = typer.Argument(..., help="A results directory or s3:// prefix."),
+    query: str = typer.Argument(..., help="SQL over the views votes, certificates, accuracy."),
+    alpha: float = typer.Option(None, "--alpha", help="Re-certify from the stored counts at this alpha (no GPU)."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
+):
+    """Query results with DuckDB (read-only): views votes, certificates, accuracy, plus UDFs
+    cp_lower(n_a, n, alpha), norm_ppf(p), smoothing_radius(sigma, p), binom_pvalue(c1, c2)."""
+    from tasks.sqlfuncs import run_query
+
+    if fmt not in ("table", "csv", "json"):
+        _fail(f"--format {fmt!r}: choose table, csv or json")
+    try:
+        typer.echo(run_query(out, query, alpha=alpha, fmt=fmt))
+    except Exception as exc:  # DuckDB errors name the problem; show them without a traceback
+        _fail(f"{type(exc).__name__}: {exc}", 1)
+
+
+@app.command()
+def report(out: str = typer.Argument(..., help="A results directory or s3:// prefix.")):
+    """Rebuild OUT/report.md and the certified-accuracy plot from the stored tables."""
+    from tasks.report import write_report
+
+    typer.echo(write_report(out))
+
+
+@app.command("export-tsv")
+def export_tsv(
+    out: str = typer.Argument(..., help="A results directory or s3:// prefix."),
+    dest: str = typer.Option(None, "--dest", help="Where to write (default OUT/tsv)."),
+):
+    """Write Cohen-style `idx label predict radius correct time` files, one per (sigma, method)."""
+    from tasks.report import export_tsv as _export
+
+    for path in _export(out, dest):
+        typer.echo(path)
+
+
+@app.command("train-toy")
+def train_toy(
+    out: Path = typer.Option(None, "--out", help="Where to write the models (default: a new dir under results/)."),
+    seed: int = typer.Option(0, "--seed"),
+    quick: bool = typer.Option(False, "--quick", help="A seconds-long smoke run of the same recipe."),
+):
+    """Train the bundled digits models (DDPM, clean and noise-trained classifiers) from scratch on CPU."""
+    from densepure_core.toy import train_all
+
+    out = out or Path("results") / "toy-models"
+    manifest = train_all(out, seed=seed, quick=quick, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"models written to {out} ({len(manifest.get('files', manifest))} entries in manifest.json)")
+
+
+@config_app.command("show")
+def config_show(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config (default: the embedded default)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field: key=value."),
+):
+    """Validate a config and print it resolved, with its config_hash."""
+    cfg = _load(config, set_)
+    typer.echo(cfg.to_yaml())
+    typer.echo(f"# config_hash: {cfg.config_hash()}")
+
+
+def main() -> None:  # pragma: no cover
+    app(sys.argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
