@@ -5,7 +5,7 @@ PY := .venv/bin/python
 STAMP := .venv/.densepure-setup
 SETUP_INPUTS := requirements/lock.txt pyproject.toml infra/setup.sh infra/_densepure_tvfix.py infra/densepure_tvfix.pth
 
-.PHONY: setup demo test test-slow lock clean-results
+.PHONY: setup demo test test-slow test-gpu lock clean-results
 setup: $(STAMP)
 
 $(STAMP): $(SETUP_INPUTS)
@@ -24,6 +24,10 @@ test-slow: setup
 
 # Re-resolve requirements/base.in into the lock. The torch pin is written without the local
 # "+cpu" tag so the same lock installs a CUDA build on GPU machines.
+# CUDA-only tests: run on a GPU machine (docs/testing.md).
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu
+
 lock:
 	uv pip compile requirements/base.in --python-version 3.11 --find-links /opt/wheels -o requirements/lock.txt
 	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' requirements/lock.txt

@@ -9,8 +9,8 @@ reader never sees a half-written file under its final name:
   completes, so a killed writer leaves either the old object or none. (A multipart upload is
   equally all-or-nothing, but a single put keeps it simple; vote shards are small.)
 
-The S3 endpoint comes from ``DENSEPURE_S3_ENDPOINT_URL`` (e.g. a MinIO or moto server),
-credentials and region from the standard AWS environment/config chain. Credentials are
+The S3 endpoint, credentials and region come from the standard AWS environment/config chain
+(``AWS_ENDPOINT_URL_S3`` for a MinIO or moto server). Credentials are
 never logged, never put in error messages, and never written into OUT.
 """
 
@@ -20,7 +20,6 @@ import io
 import os
 import posixpath
 import uuid
-from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -49,19 +48,11 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def s3_options() -> dict[str, Any]:
-    """s3fs options from the environment (endpoint override for MinIO/moto)."""
-    opts: dict[str, Any] = {}
-    endpoint = os.environ.get("DENSEPURE_S3_ENDPOINT_URL")
-    if endpoint:
-        opts["client_kwargs"] = {"endpoint_url": endpoint}
-    return opts
-
-
 def split_uri(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path inside it for a local path or an ``s3://`` URI."""
     if is_s3(uri):
-        fs = fsspec.filesystem("s3", **s3_options())
+        # skip_instance_cache: a cached instance would keep the endpoint it was first made with.
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
         return fs, uri[len("s3://"):]
     return fsspec.filesystem("file"), os.path.abspath(uri)
 
@@ -77,7 +68,7 @@ def _wrap(uri: str, action: str, exc: Exception) -> StorageError:
     hint = ""
     if is_s3(uri):
         hint = (" Check that the bucket exists, the credentials in the AWS environment allow it, "
-                "and DENSEPURE_S3_ENDPOINT_URL points at a reachable endpoint if you use one.")
+                "and AWS_ENDPOINT_URL_S3 points at a reachable endpoint if you use one.")
     elif isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:
         hint = " The disk is full: free space or choose another --out; finished files are kept."
     # str(exc) of botocore errors never contains the secret key; keep only the type and text.

@@ -46,11 +46,9 @@ class ImageRecord:
 
 
 def _fs(uri: str):
+    """Filesystem for a local path or s3:// URI (endpoint/credentials: the AWS environment)."""
     if uri.startswith("s3://"):
-        opts = {}
-        if os.environ.get("DENSEPURE_S3_ENDPOINT_URL"):
-            opts["client_kwargs"] = {"endpoint_url": os.environ["DENSEPURE_S3_ENDPOINT_URL"]}
-        return fsspec.filesystem("s3", **opts), uri[5:]
+        return fsspec.filesystem("s3", skip_instance_cache=True), uri[5:]
     return fsspec.filesystem("file"), uri
 
 

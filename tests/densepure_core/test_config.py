@@ -1,0 +1,114 @@
+"""The typed config: validation messages name the field; overrides; hashing; presets load."""
+
+from pathlib import Path
+
+import pytest
+
+from densepure_core.config import (
+    ASSETS_DIR,
+    CertifyConfig,
+    ConfigError,
+    apply_overrides,
+    load_config,
+    resolve_source,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def base(**over):
+    data = {
+        "classifier": {"source": "local-dir:/models/clf"},
+        "diffusion": {"source": "/models/ddpm"},
+        "methods": [{"kind": "rs"}, {"kind": "dds"}, {"kind": "densepure", "k": 5, "steps": 2}],
+        "sigmas": [0.25, 0.5],
+    }
+    data.update(over)
+    return data
+
+
+def test_valid_config_and_method_labels():
+    cfg = load_config(data=base())
+    assert [m.label for m in cfg.methods] == ["rs", "dds", "densepure-k5-s2"]
+    assert cfg.n0 == 100 and cfg.alpha == 0.001
+
+
+@pytest.mark.parametrize("override, field", [
+    ("sigmas=[0.0]", "sigmas"),
+    ("sigmas=[-0.5]", "sigmas"),
+    ("alpha=0", "alpha"),
+    ("alpha=1.0", "alpha"),
+    ("n0=0", "n0"),
+    ("n=0", "n"),
+    ("methods.2.k=0", "methods.2.k"),
+    ("methods.2.steps=0", "methods.2.steps"),
+    ("batch_size=0", "batch_size"),
+    ("device=tpu", "device"),
+    ("precision=fp8", "precision"),
+    ("methods.0.k=3", "methods.0"),
+    ("nonsense=1", "nonsense"),
+])
+def test_invalid_values_are_refused_naming_the_field(override, field):
+    with pytest.raises(ConfigError) as info:
+        load_config(data=base(), overrides=[override])
+    assert f"  {field}" in str(info.value), str(info.value)
+
+
+def test_diffusion_required_for_dds():
+    data = base()
+    data.pop("diffusion")
+    with pytest.raises(ConfigError, match="diffusion.source is required"):
+        load_config(data=data)
+    load_config(data=data, overrides=["methods=[{kind: rs}]"])  # RS alone needs none
+
+
+def test_duplicate_method_names_refused():
+    with pytest.raises(ConfigError, match="distinct names"):
+        load_config(data=base(methods=[{"kind": "dds"}, {"kind": "dds"}]))
+
+
+def test_overrides_dotted_and_yaml_values():
+    data = apply_overrides(base(), ["n=500", "methods.2.k=10", "sigmas=[1.0]", "dataset.max_images=7"])
+    cfg = CertifyConfig.model_validate(data)
+    assert cfg.n == 500 and cfg.methods[2].k == 10 and cfg.sigmas == [1.0]
+    assert cfg.dataset.max_images == 7
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(base(), ["n500"])
+
+
+def test_config_hash_covers_votes_only():
+    a = load_config(data=base())
+    assert a.config_hash() == load_config(data=base(), overrides=["alpha=0.01", "batch_size=7", "out=x"]).config_hash()
+    assert a.config_hash() != load_config(data=base(), overrides=["n=999"]).config_hash()
+    assert a.config_hash() != load_config(data=base(), overrides=["seed=1"]).config_hash()
+    assert len(a.config_hash()) == 16
+
+
+def test_sigma_template_and_bundled_sources():
+    cfg = load_config(data=base(methods=[{"kind": "rs", "classifier": {"source": "bundled:digits/clf_{sigma}"}}]))
+    clf = cfg.classifier_for(cfg.methods[0], 1.0)
+    assert clf.source == "bundled:digits/clf_1.0"
+    assert resolve_source("local-dir:bundled:digits/x") == f"local-dir:{ASSETS_DIR / 'digits/x'}"
+    assert resolve_source("org/model") == "org/model"
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(data=base())
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("n: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.methods and cfg.sigmas

@@ -1,0 +1,85 @@
+"""Stage 1: manifest, shards, run metadata, resume of the same config, refusal of another."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from densepure_core.config import load_config
+from tasks.plan import PlanError, load_plan, plan_run, shard_uri
+
+
+def image_folder(root, classes=("a", "b"), per_class=5):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def config(root, out, **over):
+    data = {
+        "dataset": {"kind": "imagefolder", "path": str(root), "every": 2},
+        "classifier": {"source": "local-dir:/nowhere"},
+        "diffusion": {"source": "/nowhere"},
+        "methods": [{"kind": "rs"}, {"kind": "densepure", "k": 3, "steps": 2}],
+        "sigmas": [0.25, 0.5],
+        "shard_size": 2,
+        "out": str(out),
+    }
+    return load_config(data=data, overrides=[f"{k}={v}" for k, v in over.items()])
+
+
+def test_plan_writes_manifest_config_and_run(tmp_path):
+    root = image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    plan = plan_run(config(root, out))
+    assert len(plan.records) == 5  # every 2nd of 10
+    assert plan.shards == [[0, 1], [2, 3], [4]]
+    assert plan.partitions == [(0.25, "rs"), (0.25, "densepure-k3-s2"), (0.5, "rs"), (0.5, "densepure-k3-s2")]
+    assert len(plan.tasks()) == 3 * 4
+    manifest = pq.read_table(out / "manifest.parquet").to_pydict()
+    assert manifest["image_id"] == ["a/0.png", "a/2.png", "a/4.png", "b/1.png", "b/3.png"]
+    assert manifest["label"] == [0, 0, 0, 1, 1] and manifest["shard"] == [0, 0, 1, 1, 2]
+    run = json.loads((out / "run.json").read_text())
+    assert run["config_hash"] == plan.config_hash and run["images"] == 5 and "torch" in run["versions"]
+    stored = yaml.safe_load((out / "config.yaml").read_text())
+    assert stored["sigmas"] == [0.25, 0.5] and stored["out"] == str(out)
+    assert shard_uri(str(out), 0.5, "rs", 2).endswith("votes/sigma=0.5/method=rs/shard=00002.parquet")
+
+
+def test_resume_reuses_the_stored_plan(tmp_path):
+    root = image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    first = plan_run(config(root, out))
+    (root / "a" / "0.png").unlink()  # the dataset changes: the stored plan still wins
+    again = plan_run(config(root, out, alpha=0.01, batch_size=3))  # alpha/batch size may change
+    assert again.resumed and again.run_id == first.run_id and again.records == first.records
+    assert load_plan(str(out)).shards == first.shards
+
+
+def test_a_different_config_is_refused_naming_the_fields(tmp_path):
+    root = image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    plan_run(config(root, out))
+    with pytest.raises(PlanError, match=r"different config \(fields that differ: n, seed"):
+        plan_run(config(root, out, n=77, seed=3))
+
+
+def test_interrupted_plan_is_redone(tmp_path):
+    root = image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    plan_run(config(root, out))
+    (out / "run.json").unlink()  # killed between config.yaml and run.json
+    plan = plan_run(config(root, out))
+    assert not plan.resumed and (out / "run.json").exists()
+
+
+def test_classifier_num_classes_must_match(tmp_path):
+    root = image_folder(tmp_path / "data")
+    with pytest.raises(PlanError, match="num_classes is 5 but the dataset has 2"):
+        plan_run(config(root, tmp_path / "out", **{"classifier.num_classes": 5}))
