@@ -22,15 +22,14 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-# Re-resolve requirements/base.in into the lock. The torch pin is written without the local
-# "+cpu" tag so the same lock installs a CUDA build on GPU machines.
-# CUDA-only tests: run on a GPU machine (docs/testing.md).
-test-gpu: setup
-	$(PY) -m pytest -q -m gpu
-
+# Re-resolve requirements/base.in into the lock. The torch pin is stored without the local
+# "+cpu" tag so the same lock installs a CUDA build on GPU machines; it is put back while
+# compiling, or uv would prefer the registry's CUDA torch (and ~20 nvidia packages).
 lock:
+	sed -i 's/^torch==\([0-9.]*\)$$/torch==\1+cpu/' requirements/lock.txt
 	uv pip compile requirements/base.in --python-version 3.11 --find-links /opt/wheels -o requirements/lock.txt
 	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' requirements/lock.txt
+	! grep -q '^nvidia-' requirements/lock.txt || { echo "lock: CUDA packages crept in" >&2; exit 1; }
 
 clean-results:
 	rm -rf results

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +53,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_CREDENTIALS_IN_URI = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]+@")
+
+
+def _no_credentials(value: str | None) -> str | None:
+    """Refuse ``scheme://user:secret@host/...``: configs are written next to results."""
+    if value and _CREDENTIALS_IN_URI.match(value):
+        raise ValueError("credentials must not be embedded in a URI (the config is written to OUT); "
+                         "use the AWS environment or credential files instead")
+    return value
+
+
 class DatasetConfig(_Strict):
     """Which images to certify.
 
@@ -70,6 +82,8 @@ class DatasetConfig(_Strict):
     max_images: int | None = Field(None, ge=1)
     classes_file: str | None = Field(None, description="one class folder name per line, in label order")
 
+    _path_creds = field_validator("path", "classes_file")(_no_credentials)
+
     @model_validator(mode="after")
     def _path_needed(self):
         if self.kind != "digits" and not self.path:
@@ -81,6 +95,8 @@ class DiffusionConfig(_Strict):
     """A diffusers UNet2DModel + scheduler: local dir, s3:// URI, hub id or bundled:NAME."""
 
     source: str
+
+    _source_creds = field_validator("source")(_no_credentials)
 
 
 class ClassifierConfig(_Strict):
@@ -97,6 +113,8 @@ class ClassifierConfig(_Strict):
     interpolation: Literal["bicubic", "bilinear", "nearest"] | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+
+    _source_creds = field_validator("source")(_no_credentials)
 
     def for_sigma(self, sigma: float) -> "ClassifierConfig":
         return self.model_copy(update={"source": self.source.replace("{sigma}", repr(float(sigma)))})
@@ -155,7 +173,14 @@ class CertifyConfig(_Strict):
     t_star_rule: Literal["nearest", "first_at_or_above"] = "nearest"
     early_exit: bool = True
     pad_batches: bool = False
+    channels_last: bool = Field(False, description="GPU: NHWC memory format for both models (densepure_core.accel)")
+    compile: bool = Field(False, description="GPU: torch.compile both models; the first batch of each shape compiles")
     allow_pickle: bool = False
+    on_bad_input: Literal["fail", "quarantine"] = Field(
+        "fail", description="fail: stop cleanly at the first bad image (finished shards are kept); "
+                            "quarantine: record it in the errors table and go on")
+
+    _out_creds = field_validator("out")(_no_credentials)
 
     @field_validator("sigmas")
     @classmethod

@@ -20,15 +20,17 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from densepure_core.config import CertifyConfig  # noqa: E402
+from densepure_core.config import CertifyConfig, load_config  # noqa: E402
 from tasks import aggregate as aggregate_mod  # noqa: E402
 from tasks import report as report_mod  # noqa: E402
+from tasks import storage  # noqa: E402
+from tasks.errors import quarantined_counts  # noqa: E402
 from tasks.plan import Plan, plan_run, plan_summary  # noqa: E402
 from tasks.vote import ShardResult, run_vote_stage  # noqa: E402
 
-__all__ = ["certify_flow", "ProgressPrinter", "run_certify"]
+__all__ = ["certify_flow", "certify_config_file", "ProgressPrinter", "run_certify"]
 
 
 @dataclass
@@ -100,7 +102,9 @@ def certify_flow(config: dict, out: str | None = None, ray_address: str | None =
     results = vote_task(cfg, plan, ray_address, progress)
     timings["vote"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    aggregate_task(out, cfg.alpha, cfg.radii, plan.expected_images(), allow_partial)
+    quarantined = quarantined_counts(out)
+    expected = {p: n - quarantined.get(p, 0) for p, n in plan.expected_images().items()}
+    aggregate_task(out, cfg.alpha, cfg.radii, expected, allow_partial)
     timings["aggregate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     report = report_task(out)
@@ -108,11 +112,23 @@ def certify_flow(config: dict, out: str | None = None, ray_address: str | None =
     create_markdown_artifact(report, key="densepure-report", description=f"certification report for {out}")
     create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
                           key="densepure-stage-timings")
+    plot = storage.join(out, "certified_accuracy.png")
+    plot_url = plot if storage.is_s3(plot) else f"file://{os.path.abspath(plot)}"
+    create_image_artifact(image_url=plot_url, key="densepure-certified-accuracy",
+                          description="certified accuracy vs L2 radius")
     return {
         "out": out, "run_id": plan.run_id, "timings": timings, "report": report,
         "computed_shards": sum(not r.skipped for r in results), "skipped_shards": sum(r.skipped for r in results),
-        "images": len(plan.records),
+        "images": len(plan.records), "quarantined": sum(quarantined.values()),
     }
+
+
+@flow(name="densepure-certify-file")
+def certify_config_file(config_path: str = "configs/default.yaml", out: str | None = None,
+                        overrides: list[str] | None = None, ray_address: str | None = None) -> dict:
+    """Deployment entry point (prefect.yaml): certify the config at ``config_path``."""
+    cfg = load_config(config_path, overrides or [])
+    return certify_flow(cfg.model_dump(mode="json"), out=out, ray_address=ray_address, progress=False)
 
 
 def run_certify(cfg: CertifyConfig, out: str | None = None, ray_address: str | None = None,

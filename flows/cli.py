@@ -6,10 +6,13 @@
     densepure export-tsv OUT [--dest DIR]
     densepure train-toy [--out DIR] [--seed N] [--quick]
     densepure config show [--config FILE] [--set k=v ...]
+    densepure convert-adm CHECKPOINT OUT_DIR [--preset ...]
+    densepure models fetch PRESET [--cache DIR]
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -20,6 +23,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                        "(randomized smoothing, DDS, DensePure).")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect and validate configs.")
 app.add_typer(config_app, name="config")
+from flows.cli_models import register as _register_models  # noqa: E402  (convert-adm, models fetch/list)
+
+_register_models(app)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -27,6 +33,35 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The user's error inside Ray's and Prefect's wrappers (RayTaskError keeps it as .cause)."""
+    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
+        exc = exc.cause
+    return exc
+
+
+class _NoTraceback(logging.Filter):
+    """Console only: a failed task's first line, not its traceback (the CLI prints the error).
+
+    Runs on the root logger's console handler, after the task and flow loggers' own Prefect
+    API handlers have sent the full record, so the Prefect UI keeps the traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.name.startswith("prefect"):
+            record.exc_info = record.exc_text = None
+            record.msg = record.getMessage().split("\n", 1)[0]
+            record.args = None
+        return True
+
+
+def _quiet_console_tracebacks() -> None:
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler" and not any(
+                isinstance(f, _NoTraceback) for f in handler.filters):
+            handler.addFilter(_NoTraceback())
 
 
 def _load(config: Path | None, overrides: list[str]):
@@ -53,17 +88,23 @@ def certify(
     from flows.certify import run_certify
     from tasks.plan import PlanError
 
+    _quiet_console_tracebacks()
     out = out or cfg.out
     typer.echo(f"densepure certify: run '{cfg.run_name}' -> {out} "
                f"({len(cfg.sigmas)} sigma x {len(cfg.methods)} methods, n0={cfg.n0}, n={cfg.n}, alpha={cfg.alpha})",
                err=True)
     try:
         result = run_certify(cfg, out=out, ray_address=ray_address, allow_partial=allow_partial)
-    except (PlanError, ValueError, OSError) as exc:
-        _fail(str(exc), 1)
+    except Exception as exc:  # noqa: BLE001 - every failure ends as one clear message, no traceback
+        cause = _root_cause(exc)
+        known = isinstance(cause, (PlanError, ValueError, OSError, FloatingPointError))
+        _fail(str(cause) if known else f"{type(cause).__name__}: {cause}", 1)
     timings = "  ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items())
     typer.echo(f"stages: {timings}  (computed {result['computed_shards']} shards, "
                f"{result['skipped_shards']} already complete)", err=True)
+    if result.get("quarantined"):
+        typer.echo(f"warning: {result['quarantined']} image(s) quarantined; see the errors table "
+                   f"(densepure sql {out} \"SELECT * FROM errors\")", err=True)
     typer.echo(result["report"])
     typer.echo(f"results: {out}  (query them: densepure sql {out} \"SELECT * FROM accuracy\")", err=True)
 

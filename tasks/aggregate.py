@@ -43,6 +43,7 @@ import pyarrow as pa
 from densepure_core.stats import ABSTAIN
 
 from . import storage
+from .faults import fault_point
 from .sqlfuncs import register_udfs
 
 __all__ = [
@@ -644,6 +645,7 @@ def aggregate(out: str, *, alpha: float, radii: list[float] | None = None,
     cert_uri, acc_uri = tables_uri(out, "certificates.parquet"), tables_uri(out, "accuracy.parquet")
     summary_uri = tables_uri(out, "summary.json")
     storage.write_parquet_atomic(cert_uri, certificates)
+    fault_point("aggregate:after-certificates")
     storage.write_parquet_atomic(acc_uri, accuracy)
     result = AggregateResult(
         out=out, alpha=a, radii=grid, partitions=tuple(parts), files=len(files),

@@ -16,6 +16,7 @@ Alpha and radii may change between runs: they only affect the aggregate.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import socket
 import uuid
@@ -26,10 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from densepure_core.config import CertifyConfig
+from densepure_core.config import CertifyConfig, resolve_source
 from densepure_core.data.sources import ImageRecord, enumerate_records, select_records
 
 from . import storage
+from .faults import fault_point
 
 __all__ = ["Plan", "ShardTask", "PlanError", "plan_run", "load_plan", "plan_summary", "shard_uri", "format_sigma"]
 
@@ -100,6 +102,71 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _local_dir(source: str) -> str | None:
+    path = resolve_source(source).removeprefix("local-dir:")
+    return path if os.path.exists(path) else None
+
+
+def check_steps(cfg: CertifyConfig) -> dict[str, int]:
+    """t* per sigma from the diffusion model's scheduler, and ``steps <= t*`` for every method.
+
+    Done at plan time, before any worker starts, for local (and bundled) models; remote models
+    are checked by the workers when they load them (purify.respaced_timesteps refuses too).
+    Returns {sigma: t*} (empty if the scheduler is not local).
+    """
+    if cfg.diffusion is None:
+        return {}
+    root = _local_dir(cfg.diffusion.source)
+    if root is None:
+        return {}
+    from diffusers import DDPMScheduler
+
+    from densepure_core.schedule import DiffusionSchedule
+
+    sub = "scheduler" if os.path.isdir(os.path.join(root, "scheduler")) else None
+    try:
+        scheduler = DDPMScheduler.from_pretrained(root, subfolder=sub)
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"diffusion.source {cfg.diffusion.source!r}: no readable scheduler config in {root} "
+                        f"({exc}); expected scheduler/scheduler_config.json (diffusers save_pretrained)") from exc
+    schedule = DiffusionSchedule.from_scheduler(scheduler)
+    t_stars = {}
+    for sigma in cfg.sigmas:
+        try:
+            t_stars[repr(float(sigma))] = t = schedule.t_star(sigma, cfg.t_star_rule)
+        except ValueError as exc:
+            raise PlanError(f"sigmas: {exc}") from exc
+        for i, m in enumerate(cfg.methods):
+            if m.kind == "densepure" and m.steps > t:
+                raise PlanError(f"methods.{i}.steps = {m.steps} exceeds t* = {t} (the diffusion timestep "
+                                f"matching sigma {sigma}); DensePure runs at most t* reverse steps: set steps <= {t}")
+    return t_stars
+
+
+def model_hashes(cfg: CertifyConfig) -> dict[str, dict[str, str]]:
+    """sha256 of every weights file of the local models, by source (remote: the source only)."""
+    from densepure_core.models import file_sha256
+
+    sources = {m_cfg.source for m_cfg in [cfg.classifier, *(m.classifier for m in cfg.methods if m.classifier)]}
+    sources = {s.replace("{sigma}", repr(float(sig))) if "{sigma}" in s else s for s in sources for sig in cfg.sigmas}
+    if cfg.diffusion is not None:
+        sources.add(cfg.diffusion.source)
+    out = {}
+    for source in sorted(sources):
+        root = _local_dir(source)
+        files = {}
+        if root and os.path.isdir(root):
+            for dirpath, _, names in os.walk(root):
+                for name in sorted(names):
+                    if name.endswith((".safetensors", ".bin", ".pth", ".pt", ".ckpt")):
+                        full = os.path.join(dirpath, name)
+                        files[os.path.relpath(full, root)] = file_sha256(full)
+        elif root:
+            files[os.path.basename(root)] = file_sha256(root)
+        out[source] = files
+    return out
+
+
 def load_plan(out: str) -> Plan | None:
     """The plan stored in OUT, or None if OUT holds no complete plan."""
     run_uri, manifest_uri = storage.join(out, "run.json"), storage.join(out, "manifest.parquet")
@@ -136,6 +203,7 @@ def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
         if existing is not None:
             return existing
         # config.yaml written but the plan was interrupted before run.json: plan again below.
+    t_stars = check_steps(cfg)
     records, num_classes = enumerate_records(cfg.dataset)
     chosen = select_records(records, cfg.dataset)
     if cfg.classifier.num_classes and cfg.classifier.num_classes != num_classes:
@@ -148,6 +216,7 @@ def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
 
     # config.yaml first: a process killed after it and before run.json re-plans identically.
     storage.write_text_atomic(storage.join(out, "config.yaml"), cfg.model_copy(update={"out": out}).to_yaml())
+    fault_point("plan:after-config")
     manifest = pa.table({
         "position": pa.array(range(len(chosen)), pa.int32()),
         "image_id": [r.image_id for r in chosen],
@@ -159,6 +228,7 @@ def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
     run = {
         "run_id": run_id, "config_hash": plan.config_hash, "num_classes": num_classes,
         "images": len(chosen), "shards": shards, "partitions": [list(p) for p in partitions],
+        "t_star": t_stars, "model_hashes": model_hashes(cfg),
         "host": socket.gethostname(), "created_at": datetime.now(timezone.utc).isoformat(),
         "versions": _versions(),
     }

@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from . import storage
 from .aggregate import accuracy_sql, tables_uri
+from .errors import read_errors
 from .sqlfuncs import connect, text_table
 
 __all__ = ["REPORT_RADII", "TSV_HEADER", "ReportError", "write_report", "format_accuracy_table",
@@ -210,6 +211,17 @@ def write_report(out: str, *, title: str | None = None) -> str:
         for p in missing_parts:
             lines.append(f"> - sigma={p['sigma']:g}, {p['method']}: {p['images']} of "
                          f"{p['expected']} images ({p['missing']} missing)")
+        lines.append("")
+
+    quarantined = read_errors(out).select(["sigma", "method", "image_id", "error_type", "error"]).to_pylist()
+    if quarantined:
+        lines.append(f"> **{len(quarantined)} image(s) quarantined** (on_bad_input: quarantine): not certified, "
+                     "not counted in the accuracy below; `densepure sql OUT \"SELECT * FROM errors\"` lists them:")
+        for q in quarantined[:20]:
+            first_line = q["error"].splitlines()[0] if q["error"] else ""
+            lines.append(f"> - sigma={q['sigma']:g}, {q['method']}: `{q['image_id']}`: {q['error_type']}: {first_line}")
+        if len(quarantined) > 20:
+            lines.append(f"> - ... and {len(quarantined) - 20} more")
         lines.append("")
 
     radii, table = _pivot(acc_rows)

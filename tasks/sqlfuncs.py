@@ -45,6 +45,7 @@ from scipy import special
 from densepure_core import stats
 
 from . import storage
+from .errors import ERRORS_SCHEMA, error_files
 
 __all__ = [
     "UDFS", "FORMATS", "QueryError", "register_udfs", "connect", "run_query", "format_rows",
@@ -203,6 +204,9 @@ def connect(out: str, *, alpha: float | None = None) -> duckdb.DuckDBPyConnectio
         register_udfs(con)
         if files:
             con.register("votes", _dataset(files, fs, s3, agg.VOTES_SCHEMA))
+        errors = error_files(out)
+        if errors:
+            con.register("errors", _dataset(errors, fs, s3, ERRORS_SCHEMA))
         if alpha is not None:
             radii = None
             if have_tables:  # keep the published grid, so the two tables compare row by row

@@ -25,6 +25,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .faults import fault_point
+
 __all__ = [
     "is_s3",
     "split_uri",
@@ -52,7 +54,10 @@ def split_uri(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path inside it for a local path or an ``s3://`` URI."""
     if is_s3(uri):
         # skip_instance_cache: a cached instance would keep the endpoint it was first made with.
-        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        # Fail fast on an unreachable endpoint instead of botocore's long default retries.
+        fs = fsspec.filesystem("s3", skip_instance_cache=True,
+                               config_kwargs={"connect_timeout": 5, "read_timeout": 30,
+                                              "retries": {"max_attempts": 3, "mode": "standard"}})
         return fs, uri[len("s3://"):]
     return fsspec.filesystem("file"), os.path.abspath(uri)
 
@@ -113,6 +118,8 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            if "/votes/" in path:
+                fault_point("vote:during-write")
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -27,20 +27,40 @@ import pyarrow.parquet as pq
 import torch
 
 from densepure_core.config import CertifyConfig, MethodConfig, resolve_source
-from densepure_core.data.sources import load_image
-from densepure_core.smoothing import SmoothedBaseClassifier
+from densepure_core.data.sources import DatasetError, load_image
+from densepure_core.smoothing import NonFiniteOutputError, SmoothedBaseClassifier
 
 from . import storage
 from .aggregate import VOTES_SCHEMA
+from .errors import ERRORS_SCHEMA, errors_uri
+from .faults import fault_point
 from .plan import Plan, ShardTask
 
-__all__ = ["VoteWorker", "ShardResult", "shard_is_complete", "run_vote_stage", "resolve_device",
-           "PURIFIER_KIND"]
+__all__ = ["VoteWorker", "ShardResult", "BadInputError", "shard_is_complete", "remove_stale_temporaries",
+           "run_vote_stage", "resolve_device", "PURIFIER_KIND"]
 
 log = logging.getLogger("densepure.vote")
 
 # method kind -> purifier kind (densepure_core.purify.make_purifier)
 PURIFIER_KIND = {"rs": "none", "dds": "one_shot", "densepure": "densepure"}
+
+
+class BadInputError(ValueError):
+    """A bad image or a bad model output under on_bad_input=fail; names the image and the fix."""
+
+
+def _read_ids(uri: str, config_hash: str) -> tuple[list[str] | None, str]:
+    """Image ids of a shard-level file written for ``config_hash``, or (None, why not)."""
+    try:
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=["config_hash", "image_id"])
+    except FileNotFoundError:
+        return None, "missing"
+    except Exception as exc:  # truncated or corrupt Parquet, unreadable object
+        return None, f"unreadable ({type(exc).__name__})"
+    hashes = set(table.column("config_hash").to_pylist())
+    if hashes and hashes != {config_hash}:
+        return None, f"written by another config ({sorted(hashes)})"
+    return table.column("image_id").to_pylist(), ""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -61,6 +81,7 @@ class ShardResult:
     classifier_calls: int = 0
     worker: str = ""
     recomputed_reason: str = ""  # why an existing file was not accepted
+    quarantined: int = 0  # images recorded in the errors table (on_bad_input=quarantine)
 
 
 def shard_is_complete(task: ShardTask) -> tuple[bool, str]:
@@ -71,16 +92,16 @@ def shard_is_complete(task: ShardTask) -> tuple[bool, str]:
     """
     if not storage.exists(task.uri):
         return False, ""
-    try:
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(task.uri)), columns=["config_hash", "image_id"])
-    except Exception as exc:  # truncated or corrupt Parquet
-        return False, f"unreadable ({type(exc).__name__})"
-    hashes = set(table.column("config_hash").to_pylist())
-    if hashes != {task.config_hash}:
-        return False, f"written by another config ({sorted(hashes)})"
-    ids = table.column("image_id").to_pylist()
-    if sorted(ids) != sorted(r.image_id for r in task.records) or len(ids) != len(task.records):
-        return False, f"holds {len(ids)} rows, expected {len(task.records)} images"
+    ids, why = _read_ids(task.uri, task.config_hash)
+    if ids is None:
+        return False, why
+    quarantined: list[str] = []
+    if len(ids) < len(task.records):  # the rest may have been quarantined
+        quarantined, why = _read_ids(errors_uri(task.uri, task.out), task.config_hash)
+        quarantined = quarantined or []
+    got = ids + quarantined
+    if sorted(got) != sorted(r.image_id for r in task.records) or len(got) != len(task.records):
+        return False, f"holds {len(ids)} rows (+{len(quarantined)} quarantined), expected {len(task.records)} images"
     return True, ""
 
 
@@ -164,12 +185,27 @@ class VoteWorker:
         method = self.method(task.method)
         sbc = self.smoothed(method, task.sigma)
         t_star = getattr(sbc.purifier, "t_star", None)
-        rows = []
+        rows, errors = [], []
         unet = clf = 0
         for rec in task.records:
-            x = load_image(rec, self.cfg.dataset)
             t0 = time.perf_counter()
-            counts0, counts, stats = sbc.selection_and_estimation(x, rec.image_id, self.cfg.n0, self.cfg.n)
+            try:
+                x = load_image(rec, self.cfg.dataset)
+                self._check_image(x, rec, method)
+                counts0, counts, stats = sbc.selection_and_estimation(x, rec.image_id, self.cfg.n0, self.cfg.n)
+            except (DatasetError, NonFiniteOutputError) as exc:
+                if self.cfg.on_bad_input == "fail":
+                    raise BadInputError(
+                        f"{exc}\nThe run stopped (on_bad_input: fail); finished shards are kept and a rerun "
+                        f"resumes. Fix or remove the image, or set on_bad_input: quarantine to record such "
+                        f"images in the errors table and go on.") from None
+                log.warning("quarantined %s: %s", rec.image_id, exc)
+                errors.append({
+                    "run_id": task.run_id, "config_hash": task.config_hash, "image_id": rec.image_id,
+                    "uri": rec.uri, "label": rec.label, "sigma": float(task.sigma), "method": task.method,
+                    "shard": task.shard, "error_type": type(exc).__name__, "error": str(exc),
+                    "worker": self.worker, "created_at": datetime.now(timezone.utc)})
+                continue
             rows.append({
                 "run_id": task.run_id, "config_hash": task.config_hash, "image_id": rec.image_id,
                 "label": rec.label, "sigma": float(task.sigma), "method": task.method,
@@ -181,20 +217,63 @@ class VoteWorker:
             })
             unet += stats.unet_calls
             clf += stats.classifier_calls
+            fault_point("vote:mid-shard")  # certified in memory, not yet written
+        # The errors file first: the votes file marks the shard complete (shard_is_complete).
+        if errors:
+            storage.write_parquet_atomic(errors_uri(task.uri, task.out), pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
         storage.write_parquet_atomic(task.uri, pa.Table.from_pylist(rows, schema=VOTES_SCHEMA))
         return ShardResult(task.sigma, task.method, task.shard, len(rows), False, time.perf_counter() - start,
-                           unet, clf, self.worker, reason)
+                           unet, clf, self.worker, reason, quarantined=len(errors))
+
+    def _check_image(self, x: torch.Tensor, rec, method: MethodConfig) -> None:
+        """Refuse an image the diffusion model cannot take (wrong size or channels)."""
+        if method.kind == "rs":
+            return  # the classifier resizes on its device
+        unet = self._load_diffusion()[0].unet
+        size, channels = unet.config.sample_size, unet.config.in_channels
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        if tuple(x.shape[-2:]) != size or x.shape[0] != channels:
+            raise DatasetError(
+                f"image {rec.uri!r} is {x.shape[0]}x{x.shape[1]}x{x.shape[2]} (CxHxW) but the diffusion model "
+                f"takes {channels}x{size[0]}x{size[1]}; set dataset.image_size: {size[0]} to resize and "
+                f"center-crop every image")
 
 
 def _start_local_ray(num_cpus: int | None = None) -> None:
     """Start Ray on loopback only (no dashboard; session files in a private temp dir)."""
-    import ray
-
-    # Without this, Ray binds to the machine's non-loopback address (see docs/operations.md).
+    # Without this Ray binds its services to the machine's non-loopback address. Ray reads the
+    # variable once, at import, into ray_constants (the driver) and again in every process it
+    # spawns (raylet, workers): set both, then verify.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
     temp_dir = os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="densepure-ray-")
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
              _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != "127.0.0.1":
+        ray.shutdown()
+        raise RuntimeError(f"local Ray bound to {node_ip}, not loopback; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "
+                           f"before anything imports ray, or pass --ray-address to use a cluster")
+
+
+def remove_stale_temporaries(out: str) -> int:
+    """Delete the hidden ``.name.tmp-*`` files a killed writer left under a local OUT.
+
+    Safe because one certify runs per OUT at a time (the plan refuses a different config, and
+    two copies of the same config would write identical files). S3 never has temporaries.
+    """
+    if storage.is_s3(out) or not os.path.isdir(out):
+        return 0
+    removed = 0
+    for dirpath, _, names in os.walk(out):
+        for name in names:
+            if name.startswith(".") and ".tmp-" in name:
+                os.unlink(os.path.join(dirpath, name))
+                removed += 1
+    return removed
 
 
 def run_vote_stage(cfg: CertifyConfig, plan: Plan, *, ray_address: str | None = None,
@@ -207,6 +286,9 @@ def run_vote_stage(cfg: CertifyConfig, plan: Plan, *, ray_address: str | None = 
     import ray
     from ray.util import ActorPool
 
+    removed = remove_stale_temporaries(plan.out)
+    if removed:
+        log.warning("removed %d temporary file(s) left by an interrupted write under %s", removed, plan.out)
     tasks = plan.tasks()
     results: list[ShardResult] = []
     todo = []

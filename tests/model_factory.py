@@ -33,7 +33,7 @@ def tiny_classifier(path: Path, num_classes: int = 2, size: int = 8, arch: str =
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, size, size), "interpolation": "bilinear",
                             "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
-    save_for_hf(model, str(path), model_config={"num_classes": num_classes})
+    save_for_hf(model, str(path), model_config={"num_classes": num_classes}, safe_serialization=True)
     return path
 
 

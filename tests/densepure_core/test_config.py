@@ -112,3 +112,18 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     assert cfg.methods and cfg.sigmas
+
+
+@pytest.mark.parametrize("override", ["out=s3://AKIA:SECRET@bucket/x", "diffusion.source=https://u:p@host/m",
+                                      "classifier.source=s3://k:s@b/clf"])
+def test_credentials_in_uris_are_refused(override):
+    with pytest.raises(ConfigError, match="credentials must not be embedded") as info:
+        load_config(data=base(), overrides=[override])
+    assert "SECRET" not in str(info.value) and ":p@" not in str(info.value) and "k:s@" not in str(info.value)
+
+
+def test_bad_input_policy():
+    assert load_config(data=base()).on_bad_input == "fail"
+    assert load_config(data=base(), overrides=["on_bad_input=quarantine"]).on_bad_input == "quarantine"
+    with pytest.raises(ConfigError, match="on_bad_input"):
+        load_config(data=base(), overrides=["on_bad_input=ignore"])

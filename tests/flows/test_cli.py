@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from model_factory import tiny_job
+from netcheck import LOOPBACK, descendants, listening_addresses
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -84,3 +85,9 @@ def test_sql_report_and_tsv(certified):
     files = result.output.split()
     assert len(files) == 6
     assert open(files[0]).readline().rstrip("\n").split("\t") == ["idx", "label", "predict", "radius", "correct", "time"]
+
+
+def test_services_started_by_a_run_listen_on_loopback(certified):
+    """After a flow run, Prefect's temporary server (a child process) is still up: loopback only."""
+    sockets = listening_addresses(descendants(os.getpid()))
+    assert all(addr in LOOPBACK for addr, _ in sockets), sockets

@@ -79,6 +79,24 @@ def test_interrupted_plan_is_redone(tmp_path):
     assert not plan.resumed and (out / "run.json").exists()
 
 
+def test_steps_beyond_t_star_refused_and_hashes_recorded(tmp_path):
+    from model_factory import tiny_classifier, tiny_ddpm
+
+    root = image_folder(tmp_path / "data")
+    ddpm, clf = tiny_ddpm(tmp_path / "ddpm"), tiny_classifier(tmp_path / "clf")
+    over = {"diffusion.source": str(ddpm), "classifier.source": f"local-dir:{clf}"}
+    with pytest.raises(PlanError, match=r"methods.1.steps = 200 exceeds t\* = 144"):
+        plan_run(config(root, tmp_path / "o1", **over, **{"methods.1.steps": 200}))
+    assert not (tmp_path / "o1").exists()  # refused before anything is written
+    plan_run(config(root, tmp_path / "o2", **over))
+    run = json.loads((tmp_path / "o2" / "run.json").read_text())
+    assert run["t_star"] == {"0.25": 144, "0.5": 258}
+    weights = run["model_hashes"][str(ddpm)]
+    assert set(weights) == {"unet/diffusion_pytorch_model.safetensors"}
+    assert all(len(h) == 64 for h in weights.values())
+    assert list(run["model_hashes"][f"local-dir:{clf}"]) == ["model.safetensors"]
+
+
 def test_classifier_num_classes_must_match(tmp_path):
     root = image_folder(tmp_path / "data")
     with pytest.raises(PlanError, match="num_classes is 5 but the dataset has 2"):
