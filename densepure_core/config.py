@@ -175,6 +175,12 @@ class CertifyConfig(_Strict):
     pad_batches: bool = False
     channels_last: bool = Field(False, description="GPU: NHWC memory format for both models (densepure_core.accel)")
     compile: bool = Field(False, description="GPU: torch.compile both models; the first batch of each shape compiles")
+    cuda_graphs: bool = Field(False, description="GPU: capture the fixed-shape purify+classify step once and replay "
+                                                 "it per batch (CUDA only; implies padded batches)")
+    noise_device: Literal["cpu", "device"] = Field(
+        "cpu", description="cpu: per-row CPU generators, identical counts on every device; device: counter-based "
+                           "Philox on the model's device (fast on GPUs; other counts, see densepure_core/rng.py)")
+    prefetch: int = Field(2, ge=0, description="images loaded ahead in a background thread (0: inline)")
     allow_pickle: bool = False
     on_bad_input: Literal["fail", "quarantine"] = Field(
         "fail", description="fail: stop cleanly at the first bad image (finished shards are kept); "
@@ -215,10 +221,15 @@ class CertifyConfig(_Strict):
 
     def vote_fields(self) -> dict[str, Any]:
         """The fields that determine vote counts (not alpha, radii or operational settings)."""
-        return self.model_dump(mode="json", include={
+        fields = self.model_dump(mode="json", include={
             "dataset", "diffusion", "classifier", "methods", "sigmas", "n0", "n", "seed",
             "precision", "t_star_rule", "shard_size",
         })
+        # The device noise stream gives other counts; the default CPU stream is the one every
+        # earlier result used, so it is left out and their hashes stay valid.
+        if self.noise_device != "cpu":
+            fields["noise_device"] = self.noise_device
+        return fields
 
     def config_hash(self) -> str:
         """sha256 (first 16 hex digits) of :meth:`vote_fields`: equal hashes, equal counts."""

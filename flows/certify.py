@@ -20,7 +20,13 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.artifacts import (  # noqa: E402
+    create_image_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from densepure_core.config import CertifyConfig, load_config  # noqa: E402
 from tasks import aggregate as aggregate_mod  # noqa: E402
@@ -68,7 +74,17 @@ def plan_task(cfg: CertifyConfig, out: str) -> Plan:
 def vote_task(cfg: CertifyConfig, plan: Plan, ray_address: str | None, progress: bool) -> list[ShardResult]:
     total = len(plan.records) * len(plan.partitions)
     printer = ProgressPrinter(total) if progress else None
-    results = run_vote_stage(cfg, plan, ray_address=ray_address, on_result=printer)
+    artifact = create_progress_artifact(0.0, key="densepure-vote-progress", description="images voted (%)")
+    done = 0
+
+    def on_result(res: ShardResult) -> None:
+        nonlocal done
+        done += res.images
+        if printer:
+            printer(res)
+        update_progress_artifact(artifact, 100.0 * done / max(1, total))
+
+    results = run_vote_stage(cfg, plan, ray_address=ray_address, on_result=on_result)
     logger = get_run_logger()
     recomputed = [r for r in results if r.recomputed_reason]
     for r in recomputed:

@@ -28,7 +28,7 @@ import torch
 
 from densepure_core.config import CertifyConfig, MethodConfig, resolve_source
 from densepure_core.data.sources import DatasetError, load_image
-from densepure_core.smoothing import NonFiniteOutputError, SmoothedBaseClassifier
+from densepure_core.smoothing import SmoothedBaseClassifier, prefetch
 
 from . import storage
 from .aggregate import VOTES_SCHEMA
@@ -126,6 +126,8 @@ class VoteWorker:
         self._diffusion = None
         self._schedule = None
         self._classifiers: dict[str, torch.nn.Module] = {}
+        # One per partition: compiled modules, captured CUDA graphs and slot buffers are reused.
+        self._smoothed: dict[tuple[str, float], SmoothedBaseClassifier] = {}
 
     # -- models, loaded once --------------------------------------------------------------
     def _load_diffusion(self):
@@ -151,9 +153,12 @@ class VoteWorker:
         return self._classifiers[source]
 
     def smoothed(self, method: MethodConfig, sigma: float) -> SmoothedBaseClassifier:
-        """The smoothed base classifier of one (sigma, method) partition."""
+        """The smoothed base classifier of one (sigma, method) partition, built once per worker."""
         from densepure_core.purify import make_purifier, unet_denoiser
 
+        key = (method.label, float(sigma))
+        if key in self._smoothed:
+            return self._smoothed[key]
         kind = PURIFIER_KIND[method.kind]
         if kind == "none":
             purifier = make_purifier("none", None, None, sigma)
@@ -161,11 +166,13 @@ class VoteWorker:
             diffusion, schedule = self._load_diffusion()
             purifier = make_purifier(kind, unet_denoiser(diffusion.unet), schedule, sigma, steps=method.steps,
                                      t_star_rule=self.cfg.t_star_rule)
-        return SmoothedBaseClassifier(
+        sbc = self._smoothed[key] = SmoothedBaseClassifier(
             self.classifier(method, sigma), purifier, sigma, votes=method.k, num_classes=self.num_classes,
             batch_size=self.cfg.batch_size, early_exit=self.cfg.early_exit, run_seed=self.cfg.seed,
             pad_batches=self.cfg.pad_batches, precision=self.cfg.precision, device=self.device,
-            model_name=f"{method.label} at sigma={sigma}")
+            channels_last=self.cfg.channels_last, compile=self.cfg.compile, cuda_graphs=self.cfg.cuda_graphs,
+            noise_device=self.cfg.noise_device, model_name=f"{method.label} at sigma={sigma}")
+        return sbc
 
     def method(self, label: str) -> MethodConfig:
         for m in self.cfg.methods:
@@ -187,13 +194,22 @@ class VoteWorker:
         t_star = getattr(sbc.purifier, "t_star", None)
         rows, errors = [], []
         unet = clf = 0
-        for rec in task.records:
-            t0 = time.perf_counter()
+
+        def load(rec):  # runs in the prefetch thread; a bad image travels as its exception
             try:
                 x = load_image(rec, self.cfg.dataset)
                 self._check_image(x, rec, method)
-                counts0, counts, stats = sbc.selection_and_estimation(x, rec.image_id, self.cfg.n0, self.cfg.n)
-            except (DatasetError, NonFiniteOutputError) as exc:
+                return rec.image_id, x
+            except DatasetError as exc:
+                return rec.image_id, exc
+
+        # Images stream through one engine: the next image's copies fill the slots the current
+        # one frees, and the next images load in a background thread while the device works.
+        images = prefetch((load(rec) for rec in task.records), depth=self.cfg.prefetch)
+        results = sbc.certify_many(images, self.cfg.n0, self.cfg.n, errors="return")
+        for rec, res in zip(task.records, results):
+            exc = res.error
+            if exc is not None:
                 if self.cfg.on_bad_input == "fail":
                     raise BadInputError(
                         f"{exc}\nThe run stopped (on_bad_input: fail); finished shards are kept and a rerun "
@@ -210,13 +226,13 @@ class VoteWorker:
                 "run_id": task.run_id, "config_hash": task.config_hash, "image_id": rec.image_id,
                 "label": rec.label, "sigma": float(task.sigma), "method": task.method,
                 "t_star": -1 if t_star is None else int(t_star), "k": method.k, "steps": method.steps,
-                "n0": self.cfg.n0, "n": self.cfg.n, "counts0": counts0.tolist(), "counts": counts.tolist(),
-                "unet_calls": stats.unet_calls, "classifier_calls": stats.classifier_calls,
-                "seconds": time.perf_counter() - t0, "worker": self.worker, "seed": self.cfg.seed,
+                "n0": self.cfg.n0, "n": self.cfg.n, "counts0": res.counts0.tolist(), "counts": res.counts.tolist(),
+                "unet_calls": res.stats.unet_calls, "classifier_calls": res.stats.classifier_calls,
+                "seconds": res.stats.seconds, "worker": self.worker, "seed": self.cfg.seed,
                 "created_at": datetime.now(timezone.utc),
             })
-            unet += stats.unet_calls
-            clf += stats.classifier_calls
+            unet += res.stats.unet_calls
+            clf += res.stats.classifier_calls
             fault_point("vote:mid-shard")  # certified in memory, not yet written
         # The errors file first: the votes file marks the shard complete (shard_is_complete).
         if errors:

@@ -82,6 +82,8 @@ def test_config_hash_covers_votes_only():
     assert a.config_hash() != load_config(data=base(), overrides=["n=999"]).config_hash()
     assert a.config_hash() != load_config(data=base(), overrides=["seed=1"]).config_hash()
     assert len(a.config_hash()) == 16
+    assert a.config_hash() != load_config(data=base(), overrides=["noise_device=device"]).config_hash()
+    assert "noise_device" not in a.vote_fields()  # the default stream keeps earlier hashes valid
 
 
 def test_sigma_template_and_bundled_sources():

@@ -152,3 +152,339 @@ def test_nan_logits_name_the_image():
     sbc = SmoothedBaseClassifier(NaNClassifier(), Identity(), 0.5, num_classes=4, model_name="clf")
     with pytest.raises(NonFiniteOutputError, match="img-nan"):
         sbc.counts(image(), "img-nan", range(3))
+
+
+# --------------------------------------------------------------------------- the engine
+# Everything below checks the engine's fast paths and switches against the default path.
+import dataclasses  # noqa: E402
+
+from model_factory import tiny_ddpm  # noqa: E402
+
+from densepure_core.purify import make_purifier, unet_denoiser  # noqa: E402
+from densepure_core.rng import CounterNoise, RowNoise  # noqa: E402
+from densepure_core.smoothing import CertifiedImage, _FastPurifier, prefetch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ddpms(tmp_path_factory):
+    """{learned_range: (unet, schedule)} for a tiny 3-channel 8x8 DDPM."""
+    from densepure_core.models import load_diffusion
+    from densepure_core.schedule import DiffusionSchedule
+
+    out = {}
+    for lr in (False, True):
+        dm = load_diffusion(str(tiny_ddpm(tmp_path_factory.mktemp(f"ddpm{int(lr)}"), learned_range=lr)))
+        out[lr] = (dm.unet, DiffusionSchedule.from_scheduler(dm.scheduler))
+    return out
+
+
+class PoolClassifier(torch.nn.Module):
+    """Any image size -> 4 logits (2x2 average pool, linear): for streams of mixed sizes."""
+
+    def __init__(self, channels=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pool = torch.nn.AdaptiveAvgPool2d(2)
+        self.fc = torch.nn.Linear(channels * 4, 4)
+
+    def forward(self, x):
+        return self.fc(self.pool(x * 2 - 1).flatten(1) * 8)
+
+
+class Wrapped:
+    """A purify.Purifier hidden behind a plain callable: forces the generic path."""
+
+    def __init__(self, p):
+        self.p = p
+        self.stochastic = p.stochastic
+        self.unet_calls_per_purification = p.unet_calls_per_purification
+
+    def __call__(self, x, noise):
+        return self.p(x, noise)
+
+
+def densepure(ddpms, lr=False, kind="densepure", sigma=0.5, steps=3):
+    unet, schedule = ddpms[lr]
+    return make_purifier(kind, unet_denoiser(unet), schedule, sigma, steps=steps)
+
+
+def x3(size=8, seed=2):
+    return torch.rand((3, size, size), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("lr", [False, True])
+@pytest.mark.parametrize("kind", ["one_shot", "densepure", "full"])
+@pytest.mark.parametrize("noise_cls", [RowNoise, CounterNoise])
+def test_fast_purifier_is_bit_identical_to_the_purifier(ddpms, lr, kind, noise_cls):
+    p = densepure(ddpms, lr, kind, sigma=0.12 if kind == "full" else 0.5)
+    x = torch.rand((5, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    seeds = [100 + i for i in range(5)]
+    make = (lambda: noise_cls(seeds, (3, 8, 8))) if p.stochastic else (lambda: None)
+    assert torch.equal(_FastPurifier(p)(x, make()), p(x, make()))
+
+
+def test_engine_fast_path_equals_generic_path_and_reference_loop(ddpms):
+    p = densepure(ddpms)
+    clf = PoolClassifier()
+    fast = SmoothedBaseClassifier(clf, p, 0.5, votes=5, num_classes=4, batch_size=16, run_seed=3)
+    slow = SmoothedBaseClassifier(clf, Wrapped(p), 0.5, votes=5, num_classes=4, batch_size=7, run_seed=3,
+                                  early_exit=False)
+    x = x3()
+    s_fast = VoteStats()
+    got = fast.labels(x, "img-g", range(40), s_fast)
+    np.testing.assert_array_equal(got, slow.labels(x, "img-g", range(40)))
+    assert s_fast.unet_calls == 3 * s_fast.classifier_calls
+    assert s_fast.classifier_calls + s_fast.votes_skipped == 40 * 5
+    # Pinned: the tiny DDPM's labels (the fast path, cpu noise).
+    assert np.bincount(got, minlength=4).tolist() == PINNED_DDPM_COUNTS
+
+
+PINNED_DDPM_COUNTS = [0, 18, 2, 20]
+
+
+def test_certify_many_equals_per_image_counts_and_keeps_order():
+    images = [(f"img-{i}", image()) for i in range(4)]
+    sbc = make(batch_size=24)
+    ref = [sbc.selection_and_estimation(x, i, n0=5, n=30) for i, x in images]
+    for bs in (1, 24, 64):
+        got = list(make(batch_size=bs).certify_many(iter(images), n0=5, n=30))
+        assert [r.image_id for r in got] == [i for i, _ in images]
+        for r, (c0, c, st) in zip(got, ref):
+            assert isinstance(r, CertifiedImage) and r.seconds >= 0
+            np.testing.assert_array_equal(r.counts0, c0)
+            np.testing.assert_array_equal(r.counts, c)
+            assert r.stats.classifier_calls == st.classifier_calls
+            assert r.stats.votes_skipped == st.votes_skipped
+
+
+def test_certify_many_handles_mixed_image_sizes_and_empty_streams():
+    sbc = SmoothedBaseClassifier(PoolClassifier(1), NoisyPurifier(), 0.5, votes=3, num_classes=4, batch_size=8)
+    images = [("a", image(4)), ("b", image(6)), ("c", image(4))]
+    got = {r.image_id: r for r in sbc.certify_many(images, n0=2, n=9)}
+    for i, x in images:
+        c0, c, _ = sbc.selection_and_estimation(x, i, n0=2, n=9)
+        np.testing.assert_array_equal(got[i].counts0, c0)
+        np.testing.assert_array_equal(got[i].counts, c)
+    assert list(sbc.certify_many([], n0=2, n=9)) == []
+    assert sbc.labels(image(), "none", []).shape == (0,)
+
+
+def test_padded_batches_count_padding_separately():
+    stats = VoteStats()
+    sbc = make(batch_size=32, pad_batches=True)
+    labels = sbc.labels(image(), "img-p", range(50), stats)
+    np.testing.assert_array_equal(labels, make(batch_size=32).labels(image(), "img-p", range(50)))
+    assert stats.rows_padded > 0
+    assert stats.classifier_calls + stats.votes_skipped == 50 * 5
+    assert stats.classifier_calls + stats.rows_padded == 32 * stats.batches
+
+
+@pytest.mark.parametrize("batch_size", [1, 9, 64])
+def test_device_noise_counts_do_not_depend_on_batch_size_or_order(batch_size):
+    x = image()
+    ref = make(batch_size=16, noise_device="device").labels(x, "img-b", range(60))
+    got = make(batch_size=batch_size, noise_device="device").labels(x, "img-b", list(reversed(range(60))))
+    np.testing.assert_array_equal(ref, got[::-1])
+
+
+def test_device_noise_is_another_stream_and_pinned():
+    x = image()
+    counts0, counts, _ = make(noise_device="device").selection_and_estimation(x, "img-d", n0=20, n=100)
+    cpu0, cpu, _ = make().selection_and_estimation(x, "img-d", n0=20, n=100)
+    assert counts0.sum() == 20 and counts.sum() == 100
+    assert (counts0.tolist(), counts.tolist()) != (cpu0.tolist(), cpu.tolist())
+    # Pinned: a change to the counter stream (Philox, Box-Muller, key/counter layout) changes these.
+    assert counts0.tolist() == PINNED_DEVICE_COUNTS0
+    assert counts.tolist() == PINNED_DEVICE_COUNTS
+
+
+PINNED_DEVICE_COUNTS0 = [0, 6, 0, 14]
+PINNED_DEVICE_COUNTS = [1, 51, 0, 48]
+
+
+def test_nan_in_a_stream_names_the_image():
+    class NaNForB(torch.nn.Module):
+        def forward(self, x):
+            out = torch.zeros((x.shape[0], 4))
+            out[x.flatten(1).min(dim=1).values >= 1.0] = float("nan")  # "b" (+100) clamps to all ones
+            return out
+
+    sbc = SmoothedBaseClassifier(NaNForB(), Identity(), 0.5, num_classes=4, batch_size=4)
+    with pytest.raises(NonFiniteOutputError, match="'b'"):
+        list(sbc.certify_many([("a", image()), ("b", image() + 100)], n0=2, n=3))
+
+
+def test_certify_many_can_isolate_a_failing_image():
+    class NaNForOnes(torch.nn.Module):
+        def forward(self, x):
+            out = torch.stack([x.mean((1, 2, 3)), 1 - x.mean((1, 2, 3)), x[:, 0, 0, 0], x[:, 0, 1, 1]], 1)
+            out[x.flatten(1).min(dim=1).values >= 1.0] = float("nan")
+            return out
+
+    sbc = SmoothedBaseClassifier(NaNForOnes(), NoisyPurifier(), 0.5, votes=3, num_classes=4, batch_size=16)
+    images = [("a", image()), ("b", image() + 100), ("c", OSError("unreadable")), ("d", image())]
+    got = list(sbc.certify_many(images, n0=4, n=20, errors="return"))
+    assert [r.image_id for r in got] == ["a", "b", "c", "d"]
+    assert isinstance(got[1].error, NonFiniteOutputError) and "'b'" in str(got[1].error)
+    assert isinstance(got[2].error, OSError) and got[2].counts.sum() == 0
+    for r in (got[0], got[3]):
+        c0, c, _ = sbc.selection_and_estimation(image(), r.image_id, n0=4, n=20)
+        assert r.error is None
+        np.testing.assert_array_equal(r.counts0, c0)
+        np.testing.assert_array_equal(r.counts, c)
+    with pytest.raises(OSError, match="unreadable"):
+        list(sbc.certify_many(images[2:], n0=4, n=20))
+    with pytest.raises(ValueError, match="errors"):
+        list(sbc.certify_many(images, n0=4, n=20, errors="skip"))
+
+
+def test_bf16_autocast_stays_within_tolerance_of_fp32(ddpms):
+    p = densepure(ddpms, lr=True)
+    clf = PoolClassifier()
+    x = torch.rand((6, 3, 8, 8), generator=torch.Generator().manual_seed(4))
+    seeds = list(range(6))
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        sbc = SmoothedBaseClassifier(clf, p, 0.5, votes=3, num_classes=4, precision=precision)
+        with torch.no_grad(), sbc._autocast():
+            outs[precision] = sbc._fast(x, RowNoise(seeds, (3, 8, 8))).float()
+    ref = outs["fp32"]
+    rel = ((outs["bf16"] - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 5e-2  # bf16 operands: ~1e-2; the same function, not another one
+
+
+def test_channels_last_and_compile_switches_keep_labels(ddpms):
+    import copy
+
+    p = densepure(ddpms)
+    x = x3(seed=5)
+    base = SmoothedBaseClassifier(PoolClassifier(), p, 0.5, votes=3, num_classes=4)
+    ref = base.labels(x, "img-s", range(30))
+    # A copy of the models: the switches modify modules in place.
+    unet = copy.deepcopy(p.denoiser.unet)
+    p2 = dataclasses.replace(p, denoiser=unet_denoiser(unet))
+    sbc = SmoothedBaseClassifier(PoolClassifier(), p2, 0.5, votes=3, num_classes=4, channels_last=True,
+                                 compile=True, compile_options={"backend": "eager"})
+    assert sbc.purifier.denoiser.unet is not unet  # the compiled wrapper around the same module
+    conv_weight = next(w for w in unet.parameters() if w.ndim == 4)
+    assert conv_weight.is_contiguous(memory_format=torch.channels_last)
+    # Same function: NHWC kernels may round differently, so outputs agree to float tolerance.
+    xb = torch.rand((6, 3, 8, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = base._fast(xb, RowNoise(list(range(6)), (3, 8, 8)))
+        b = sbc._fast(xb, RowNoise(list(range(6)), (3, 8, 8)))
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert (sbc.labels(x, "img-s", range(30)) == ref).mean() >= 0.95
+
+
+def test_cuda_graphs_need_cuda():
+    with pytest.raises(ValueError, match="CUDA"):
+        make(cuda_graphs=True)
+    with pytest.raises(ValueError, match="noise_device"):
+        make(noise_device="gpu")
+
+
+def test_prefetch_keeps_order_and_raises_where_the_loader_failed():
+    assert list(prefetch(iter(range(10)), depth=3)) == list(range(10))
+    assert list(prefetch(range(4), depth=0)) == [0, 1, 2, 3]
+
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in prefetch(broken()):
+            got.append(item)
+    assert got == [1]
+
+
+@pytest.mark.slow
+def test_inductor_compile_matches_eager_to_tolerance(ddpms):
+    # Real TorchInductor code generation (about a minute on the 2-core dev machine).
+    p = densepure(ddpms)
+    x = x3(seed=6)
+    ref = SmoothedBaseClassifier(PoolClassifier(), p, 0.5, votes=3, num_classes=4, pad_batches=True,
+                                 batch_size=16).labels(x, "img-c", range(32))
+    import copy
+
+    p2 = dataclasses.replace(p, denoiser=unet_denoiser(copy.deepcopy(p.denoiser.unet)))
+    sbc = SmoothedBaseClassifier(PoolClassifier(), p2, 0.5, votes=3, num_classes=4, pad_batches=True,
+                                 batch_size=16, compile=True)
+    got = sbc.labels(x, "img-c", range(32))
+    assert (got == ref).mean() >= 0.95  # float rounding may flip a near-tie copy, never more
+
+
+# --------------------------------------------------------------------------- GPU
+def _cuda_models(ddpms, lr=True):
+    unet, schedule = ddpms[lr]
+    import copy
+
+    unet = copy.deepcopy(unet).cuda()
+    p = make_purifier("densepure", unet_denoiser(unet), schedule, 0.5, steps=3)
+    return p, PoolClassifier().cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("noise_device", ["cpu", "device"])
+def test_cuda_graphs_replay_gives_the_eager_labels(ddpms, noise_device):
+    p, clf = _cuda_models(ddpms)
+    x = x3(seed=7)
+    kw = dict(votes=5, num_classes=4, batch_size=32, noise_device=noise_device, pad_batches=True)
+    eager = SmoothedBaseClassifier(clf, p, 0.5, **kw).labels(x, "img-g", range(100))
+    graphed = SmoothedBaseClassifier(clf, p, 0.5, cuda_graphs=True, **kw)
+    np.testing.assert_array_equal(graphed.labels(x, "img-g", range(100)), eager)
+    # and again (replays of the same captured graph, other rows)
+    eager2 = SmoothedBaseClassifier(clf, p, 0.5, **kw).labels(x, "img-h", range(50))
+    np.testing.assert_array_equal(graphed.labels(x, "img-h", range(50)), eager2)
+
+
+@pytest.mark.gpu
+def test_cuda_cpu_noise_counts_equal_cpu_device_counts_to_rounding(ddpms):
+    p_gpu, clf_gpu = _cuda_models(ddpms, lr=False)
+    unet, schedule = ddpms[False]
+    p_cpu = make_purifier("densepure", unet_denoiser(unet), schedule, 0.5, steps=3)
+    x = x3(seed=8)
+    a = SmoothedBaseClassifier(clf_gpu, p_gpu, 0.5, votes=3, num_classes=4).labels(x, "img-x", range(100))
+    b = SmoothedBaseClassifier(PoolClassifier(), p_cpu, 0.5, votes=3, num_classes=4).labels(x, "img-x", range(100))
+    assert (a == b).mean() >= 0.97  # the same noise; only float rounding differs between devices
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch_size", [7, 64])
+def test_cuda_device_noise_is_batch_size_independent(ddpms, batch_size):
+    p, clf = _cuda_models(ddpms)
+    x = x3(seed=9)
+    ref = SmoothedBaseClassifier(clf, p, 0.5, votes=3, num_classes=4, batch_size=16,
+                                 noise_device="device").labels(x, "img-n", range(80))
+    got = SmoothedBaseClassifier(clf, p, 0.5, votes=3, num_classes=4, batch_size=batch_size,
+                                 noise_device="device").labels(x, "img-n", range(80))
+    assert (got == ref).mean() >= 0.97  # cuDNN may pick another algorithm per batch size
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_low_precision_within_tolerance(ddpms, precision):
+    p, clf = _cuda_models(ddpms)
+    x = torch.rand((16, 3, 8, 8), generator=torch.Generator().manual_seed(4)).cuda()
+    outs = {}
+    for prec in ("fp32", precision):
+        sbc = SmoothedBaseClassifier(clf, p, 0.5, votes=3, num_classes=4, precision=prec)
+        with torch.no_grad(), sbc._autocast():
+            outs[prec] = sbc._fast(x, RowNoise(list(range(16)), (3, 8, 8), device="cuda")).float()
+    rel = ((outs[precision] - outs["fp32"]).norm() / outs["fp32"].norm()).item()
+    assert rel < 5e-2
+
+
+def test_attributed_seconds_add_up_to_the_stream_time():
+    """VoteStats.seconds splits each batch's time by rows: the sum never exceeds the wall time."""
+    import time
+
+    sbc = make(batch_size=16)
+    images = [(f"img-{i}", image()) for i in range(3)]
+    t0 = time.perf_counter()
+    results = list(sbc.certify_many(iter(images), n0=10, n=30))
+    elapsed = time.perf_counter() - t0
+    total = sum(r.stats.seconds for r in results)
+    assert all(r.stats.seconds > 0 for r in results)
+    assert 0 < total <= elapsed

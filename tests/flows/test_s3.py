@@ -35,6 +35,11 @@ def test_certify_and_query_on_s3(tmp_path, s3_endpoint, monkeypatch):
     again = runner.invoke(app, ["certify", "--config", str(config), "--out", out], catch_exceptions=False)
     assert "computed 0 shards, 6 already complete" in again.output
 
+    # An unreadable object under a shard's key is detected and only that shard is recomputed.
+    fs.pipe_file(votes[0], b"garbage, not parquet")
+    healed = runner.invoke(app, ["certify", "--config", str(config), "--out", out], catch_exceptions=False)
+    assert "computed 1 shards, 5 already complete" in healed.output
+
     q = runner.invoke(app, ["sql", out, "SELECT method, count(*) AS images FROM certificates GROUP BY 1 ORDER BY 1",
                             "--format", "json"], catch_exceptions=False)
     assert json.loads(q.output) == [{"method": "dds", "images": 6}, {"method": "rs", "images": 6}]
