@@ -190,7 +190,7 @@ def sweep(name: str, build, call, flops_per_item: int, batches, modes, compile_b
             x = torch.rand((b, 3, size, size), device=device, dtype=dtype)
             try:
                 with torch.no_grad(), ctx():
-                    ms = time_ms(lambda: call(model, x), device, warmup=2, reps=reps)
+                    ms = time_ms(lambda m=model, x=x: call(m, x), device, warmup=2, reps=reps)
             except torch.OutOfMemoryError:
                 print(f"  {mode:<14} {b:>5}   out of memory")
                 torch.cuda.empty_cache()

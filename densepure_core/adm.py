@@ -77,7 +77,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +84,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .models import ModelLoadError, read_state_dict
 
 __all__ = [
     "AdmConversionError",
@@ -443,36 +444,13 @@ def read_adm_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False
     if not path.is_file():
         raise AdmConversionError(f"{what}: no such file; download it first (docs/models.md) or "
                                  f"run `densepure models fetch`")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return dict(load_file(str(path), device="cpu"))
-        except Exception as e:  # noqa: BLE001  (safetensors raises several types)
-            raise AdmConversionError(f"{what}: not a readable safetensors file ({e}); download "
-                                     f"it again") from e
+    # The model loader's reader: safetensors, or torch.load(weights_only=True) unless
+    # allow_pickle; training-checkpoint wrappers and DataParallel prefixes are unwrapped.
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
-    except pickle.UnpicklingError as e:
-        raise AdmConversionError(
-            f"{what} holds pickled Python objects besides tensors, which can run code when "
-            f"loaded, so it is refused; if you trust the file pass --allow-pickle "
-            f"(allow_pickle=True)") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise AdmConversionError(f"{what}: cannot read it ({e}); the download is truncated or "
-                                 f"the file is not a torch checkpoint: download it again") from e
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
-    if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not obj:
-        raise AdmConversionError(f"{what} does not hold a state dict (found "
-                                 f"{type(obj).__name__}); it must be torch.save(model.state_dict())")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()
-            if isinstance(v, torch.Tensor)}
+        state_dict = read_state_dict(path, allow_pickle=allow_pickle, what=what)
+    except ModelLoadError as e:
+        raise AdmConversionError(str(e)) from e
+    return {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
 
 
 _RES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",

@@ -52,6 +52,7 @@ __all__ = [
     "Classifier",
     "load_classifier",
     "file_sha256",
+    "read_state_dict",
     "model_fingerprint",
     "INTERPOLATIONS",
 ]
@@ -116,7 +117,7 @@ def _check_safetensors(path: Path, what: str) -> None:
             f"(compare its size or `sha256sum` with the original)") from e
 
 
-def _read_state_dict(path: Path, *, allow_pickle: bool, what: str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, *, allow_pickle: bool, what: str) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat CPU state dict.
 
     ``.safetensors`` is read directly. Anything else goes through ``torch.load`` with
@@ -137,7 +138,7 @@ def _read_state_dict(path: Path, *, allow_pickle: bool, what: str) -> dict[str, 
             f"{what}: {path} holds pickled Python objects, which can run code when loaded, "
             f"so it is refused by default. Convert it once to safetensors "
             f"(`safetensors.torch.save_file(model.state_dict(), 'model.safetensors')`), or pass "
-            f"allow_pickle=True if you trust the file.") from e
+            f"allow_pickle=True (--allow-pickle on the command line) if you trust the file.") from e
     except (RuntimeError, EOFError, OSError) as e:
         raise ModelLoadError(
             f"{what}: cannot read {path} ({e}); the file is truncated or not a torch "
@@ -713,7 +714,7 @@ def _load_timm_dir(folder: Path, *, what: str, allow_pickle: bool) -> torch.nn.M
     else:
         raise ModelLoadError(f"{what}: no weights in {folder}: expected {_TIMM_SAFE} next to "
                              f"config.json (the folder is incomplete: copy the weights too)")
-    _load_strict(model, _read_state_dict(file, allow_pickle=allow_pickle, what=what),
+    _load_strict(model, read_state_dict(file, allow_pickle=allow_pickle, what=what),
                  what=what, file=file)
     return model
 
@@ -729,7 +730,7 @@ def _load_timm_checkpoint(file: Path, *, what: str, model_name: str | None,
                              f"'vit_base_patch16_224', num_classes=10")
     if not file.is_file():
         raise ModelLoadError(f"{what}: no such file")
-    state_dict = _read_state_dict(file, allow_pickle=allow_pickle, what=what)
+    state_dict = read_state_dict(file, allow_pickle=allow_pickle, what=what)
     try:
         model = timm.create_model(model_name, pretrained=False, num_classes=num_classes,
                                   **model_args)

@@ -29,7 +29,7 @@ def test_certify_and_query_on_s3(tmp_path, s3_endpoint, monkeypatch):
     for name in ("config.yaml", "manifest.parquet", "run.json", "report.md", "tables/certificates.parquet",
                  "tables/accuracy.parquet"):
         assert f"results-bucket/runs/tiny/{name}" in keys, name
-    stored = yaml.safe_load(fs.cat(f"results-bucket/runs/tiny/config.yaml"))
+    stored = yaml.safe_load(fs.cat("results-bucket/runs/tiny/config.yaml"))
     assert stored["out"] == out and "secret" not in json.dumps(stored).lower()
 
     again = runner.invoke(app, ["certify", "--config", str(config), "--out", out], catch_exceptions=False)
