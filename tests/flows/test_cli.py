@@ -91,3 +91,12 @@ def test_services_started_by_a_run_listen_on_loopback(certified):
     """After a flow run, Prefect's temporary server (a child process) is still up: loopback only."""
     sockets = listening_addresses(descendants(os.getpid()))
     assert all(addr in LOOPBACK for addr, _ in sockets), sockets
+
+
+def test_train_toy_quick_writes_verifiable_models(tmp_path):
+    from densepure_core.toy import verify_assets
+
+    result = invoke("train-toy", "--quick", "--out", tmp_path / "toy")
+    assert result.exit_code == 0, result.output
+    verify_assets(tmp_path / "toy")  # every weights file matches the manifest's sha256
+    assert (tmp_path / "toy" / "ddpm" / "unet" / "diffusion_pytorch_model.safetensors").exists()
