@@ -102,3 +102,23 @@ def test_manifest_missing_columns_and_duplicates(tmp_path):
     (tmp_path / "d.csv").write_text("image_id,uri,label\nx,a.png,0\nx,b.png,1\n")
     with pytest.raises(DatasetError, match="repeat"):
         enumerate_records(DatasetConfig(kind="manifest", path=str(tmp_path / "d.csv")))
+
+
+def test_imagefolder_on_s3(tmp_path, s3_endpoint, monkeypatch):
+    """An ImageNet-layout tree in a bucket: enumerated, labelled and decoded through s3fs."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    root = make_folder(tmp_path / "val", classes=("n01", "n02"), per_class=2)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    fs.mkdir("imagenet-val")
+    fs.put(str(root), "imagenet-val/val", recursive=True)
+    cfg = DatasetConfig(kind="imagefolder", path="s3://imagenet-val/val", image_size=8)
+    records, num_classes = enumerate_records(cfg)
+    assert num_classes == 2
+    assert [(r.image_id, r.label) for r in records] == [("n01/0.png", 0), ("n01/1.png", 0),
+                                                        ("n02/0.png", 1), ("n02/1.png", 1)]
+    assert records[0].uri == "s3://imagenet-val/val/n01/0.png"
+    local = load_image(enumerate_records(DatasetConfig(kind="imagefolder", path=str(root), image_size=8))[0][0],
+                       DatasetConfig(kind="imagefolder", path=str(root), image_size=8))
+    assert torch.equal(load_image(records[0], cfg), local)
