@@ -50,9 +50,10 @@ class ProgressPrinter:
     stream: object = field(default_factory=lambda: sys.stderr)
 
     def __call__(self, res: ShardResult) -> None:
-        self.done += res.images
+        handled = res.images + res.quarantined  # quarantined images are done too
+        self.done += handled
         if not res.skipped:
-            self.computed += res.images
+            self.computed += handled
         elapsed = time.perf_counter() - self.start
         rate = self.computed / elapsed if elapsed > 0 else 0.0
         remaining = self.total - self.done
@@ -79,7 +80,7 @@ def vote_task(cfg: CertifyConfig, plan: Plan, ray_address: str | None, progress:
 
     def on_result(res: ShardResult) -> None:
         nonlocal done
-        done += res.images
+        done += res.images + res.quarantined
         if printer:
             printer(res)
         update_progress_artifact(artifact, 100.0 * done / max(1, total))
