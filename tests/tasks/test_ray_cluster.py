@@ -10,11 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from model_factory import tiny_job
-
-from densepure_core.config import load_config
-from tasks.plan import plan_run
-from tasks.vote import run_vote_stage
 
 
 def free_port():
@@ -23,22 +20,24 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_vote_stage_joins_an_existing_cluster(tmp_path, monkeypatch):
-    import ray
-    from ray._private import ray_constants
+def test_certify_joins_an_existing_cluster(tmp_path):
+    """`densepure certify --ray-address` uses a running cluster and leaves it running.
 
+    The command runs in its own process: a fresh driver, as a user's would be (an in-process
+    driver would inherit the Ray state of earlier tests).
+    """
     port = free_port()
     temp = tempfile.mkdtemp(prefix="dp-rc-")  # short: Ray's socket paths must fit in 107 bytes
-    # A loopback-only test cluster without token auth (the driver here runs with auth off);
-    # a real cluster sets RAY_AUTH_MODE/RAY_AUTH_TOKEN for its head, workers and drivers alike.
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
+    # A loopback-only test cluster without token auth; a real cluster sets RAY_AUTH_MODE /
+    # RAY_AUTH_TOKEN for its head, workers and drivers alike.
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+               PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOGGING_LEVEL="ERROR")
+    bin_dir = Path(sys.executable).parent
     head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port),
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--port", str(port),
          "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "false",
          "--temp-dir", temp, "--disable-usage-stats"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # this driver stays on loopback too
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -47,15 +46,16 @@ def test_vote_stage_joins_an_existing_cluster(tmp_path, monkeypatch):
                     break
             assert head.poll() is None and time.monotonic() < deadline, "ray head did not start"
             time.sleep(0.5)
-        cfg = load_config(data=tiny_job(tmp_path, sigmas=[0.5], methods=[{"kind": "rs"}, {"kind": "dds"}]))
-        plan = plan_run(cfg)
-        results = run_vote_stage(cfg, plan, ray_address=f"127.0.0.1:{port}")
-        assert sum(r.images for r in results) == len(plan.records) * 2
-        assert not ray.is_initialized()  # the stage disconnects; the cluster keeps running
-        assert head.poll() is None
+        config = tmp_path / "job.yaml"
+        config.write_text(yaml.safe_dump(tiny_job(tmp_path, sigmas=[0.5], methods=[{"kind": "rs"}, {"kind": "dds"}])))
+        run = subprocess.run([str(bin_dir / "densepure"), "certify", "--config", str(config),
+                              "--ray-address", f"127.0.0.1:{port}"],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "computed 6 shards, 0 already complete" in run.stderr
+        assert (tmp_path / "out" / "tables" / "certificates.parquet").exists()
+        assert head.poll() is None  # the cluster keeps running after the run disconnects
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
         os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=20)
