@@ -25,6 +25,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from densepure_core.remote import filesystem_for
+
 from .faults import fault_point
 
 __all__ = [
@@ -52,14 +54,7 @@ def is_s3(uri: str) -> bool:
 
 def split_uri(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path inside it for a local path or an ``s3://`` URI."""
-    if is_s3(uri):
-        # skip_instance_cache: a cached instance would keep the endpoint it was first made with.
-        # Fail fast on an unreachable endpoint instead of botocore's long default retries.
-        fs = fsspec.filesystem("s3", skip_instance_cache=True,
-                               config_kwargs={"connect_timeout": 5, "read_timeout": 30,
-                                              "retries": {"max_attempts": 3, "mode": "standard"}})
-        return fs, uri[len("s3://"):]
-    return fsspec.filesystem("file"), os.path.abspath(uri)
+    return filesystem_for(uri)
 
 
 def join(uri: str, *parts: str) -> str:

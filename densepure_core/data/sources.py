@@ -22,11 +22,11 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 
-import fsspec
 import numpy as np
 import torch
 
 from ..config import DatasetConfig
+from ..remote import filesystem_for
 
 __all__ = ["ImageRecord", "DatasetError", "enumerate_records", "select_records", "load_image",
            "IMAGE_EXTENSIONS"]
@@ -45,13 +45,6 @@ class ImageRecord:
     label: int
 
 
-def _fs(uri: str):
-    """Filesystem for a local path or s3:// URI (endpoint/credentials: the AWS environment)."""
-    if uri.startswith("s3://"):
-        return fsspec.filesystem("s3", skip_instance_cache=True), uri[5:]
-    return fsspec.filesystem("file"), uri
-
-
 def _digits_records(cfg: DatasetConfig) -> tuple[list[ImageRecord], int]:
     from .digits import DIGITS_NUM_CLASSES, load_digits_split
 
@@ -61,14 +54,15 @@ def _digits_records(cfg: DatasetConfig) -> tuple[list[ImageRecord], int]:
 
 
 def _imagefolder_records(cfg: DatasetConfig) -> tuple[list[ImageRecord], int]:
-    fs, root = _fs(cfg.path)
+    fs, root = filesystem_for(cfg.path)
     scheme = "s3://" if cfg.path.startswith("s3://") else ""
     if not fs.isdir(root):
         raise DatasetError(f"dataset.path {cfg.path!r} is not a directory; an ImageFolder tree needs "
                            f"one sub-folder per class (e.g. val/n01440764/*.JPEG)")
     present = sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False) if fs.isdir(p))
     if cfg.classes_file:
-        with fsspec.open(cfg.classes_file, "rt") as f:
+        cfs, cpath = filesystem_for(cfg.classes_file)
+        with cfs.open(cpath, "rt") as f:
             classes = [line.strip() for line in f if line.strip()]
         unknown = sorted(set(present) - set(classes))
         if unknown:
@@ -95,7 +89,8 @@ def _manifest_records(cfg: DatasetConfig) -> tuple[list[ImageRecord], int]:
 
     path = cfg.path
     try:
-        with fsspec.open(path, "rb") as f:
+        mfs, mpath = filesystem_for(path)
+        with mfs.open(mpath, "rb") as f:
             data = f.read()
     except FileNotFoundError as exc:
         raise DatasetError(f"manifest {path!r} does not exist") from exc
@@ -188,7 +183,7 @@ def load_image(record: ImageRecord, cfg: DatasetConfig) -> torch.Tensor:
     """The record's image as float32 [C,H,W] in [0,1]. Raises DatasetError naming the image."""
     if record.uri.startswith("digits:"):
         return _digits_images(cfg.image_size)[record.image_id]
-    fs, path = _fs(record.uri)
+    fs, path = filesystem_for(record.uri)
     try:
         with fs.open(path, "rb") as f:
             data = f.read()
