@@ -583,7 +583,10 @@ class SmoothedBaseClassifier:
         """Purify, classify, argmax on the device: int64 ``[B]``, -1 where a row's logits are not finite."""
         with self._autocast():
             purified = self._fast(batch, noise) if self._fast is not None else self.purifier(batch, noise)
-            logits = self.classifier(purified.clamp(0.0, 1.0))
+            # No clamp here: plain RS (the "none" purifier) classifies the unclipped x + sigma e,
+            # as Cohen et al. do and as the noise-trained classifiers were trained; purifiers
+            # clip their own output to the image range.
+            logits = self.classifier(purified)
         logits = logits.float()
         finite = torch.isfinite(logits).all(dim=1)
         return torch.where(finite, logits.argmax(dim=1), torch.full_like(finite, -1, dtype=torch.int64))

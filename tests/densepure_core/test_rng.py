@@ -113,7 +113,8 @@ def test_gaussian_rows_cpu_is_one_generator_per_row():
     seeds = [derive_seed(0, "img", j, -1, SMOOTH) for j in range(4)]
     rows = gaussian_rows(seeds, (2, 3))
     for i, s in enumerate(seeds):
-        assert torch.equal(rows[i], torch.randn((2, 3), generator=torch.Generator().manual_seed(s)))
+        ref = np.random.Generator(np.random.Philox(key=s)).standard_normal((2, 3), dtype=np.float32)
+        assert torch.equal(rows[i], torch.from_numpy(ref))
     dev = gaussian_rows(seeds, (2, 3), noise_device="device")
     assert dev.shape == rows.shape and not torch.equal(dev, rows)
     assert torch.equal(dev, CounterNoise(seeds, (2, 3)).draw())
@@ -134,11 +135,11 @@ def test_row_noise_draw_into_matches_draw_and_zeroes_padding():
 
 
 def test_threaded_row_fill_equals_serial(monkeypatch):
-    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    gens = [rng._generator(s) for s in (1, 2, 3)]
     serial = torch.zeros(3, 64)
     rng._fill_rows(gens, (64,), serial, parallel=False)
     monkeypatch.setattr(rng, "_PARALLEL_MIN_ELEMENTS", 0)
-    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    gens = [rng._generator(s) for s in (1, 2, 3)]
     threaded = torch.zeros(3, 64)
     rng._fill_rows(gens, (64,), threaded, parallel=True)
     assert torch.equal(serial, threaded)
@@ -157,3 +158,41 @@ def test_counter_noise_on_cuda_matches_cpu_to_rounding():
     cpu = counter_normal(keys, 2, 3 * 64 * 64)
     gpu = counter_normal(keys.cuda(), 2, 3 * 64 * 64).cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-5)  # integers exact; transcendental ulps
+
+
+# --------------------------------------------------------------------------- full 63-bit keys
+def test_seeds_differing_only_above_bit_31_give_different_draws():
+    """Regression: torch.Generator.manual_seed keeps the low 32 bits, so these collided."""
+    low = 0x1234_5678
+    seeds = [low, low | (1 << 32), low | (1 << 45), low | (1 << 62)]
+    rows = gaussian_rows(seeds, (16,))
+    for a in range(len(seeds)):
+        for b in range(a + 1, len(seeds)):
+            assert not torch.equal(rows[a], rows[b]), (hex(seeds[a]), hex(seeds[b]))
+    noise = RowNoise(seeds, (16,))
+    noise.draw()
+    second = noise.draw()
+    assert len({tuple(r.tolist()) for r in second}) == len(seeds)
+    # What the stream fixes: torch's CPU engine gives all four seeds one stream.
+    torch_rows = [torch.randn(16, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    assert all(torch.equal(torch_rows[0], r) for r in torch_rows[1:])
+
+
+def test_all_streams_of_one_image_are_pairwise_distinct():
+    """ImageNet DensePure setting: K = 10 votes over n0 + n = 10,100 copies, one image.
+
+    Every smoothing stream (copy j) and reverse stream (copy j, vote k) has its own seed, and
+    their first draws differ pairwise (so no selection copy shares noise with an estimation
+    copy, and no two votes of a copy share their reverse noise).
+    """
+    copies, votes = 10_100, 10
+    seeds = [derive_seed(0, "n01440764/ILSVRC2012_val_00000293.JPEG", j, -1, SMOOTH) for j in range(copies)]
+    seeds += [derive_seed(0, "n01440764/ILSVRC2012_val_00000293.JPEG", j, k, REVERSE)
+              for j in range(copies) for k in range(votes)]
+    assert len(set(seeds)) == len(seeds) == copies * (votes + 1)
+    first = np.stack([rng._generator(s).standard_normal(2, dtype=np.float32) for s in seeds])
+    assert len(np.unique(first, axis=0)) == len(seeds)
+
+
+def test_stream_version_is_the_full_seed_version():
+    assert rng.STREAM_VERSION == 2
