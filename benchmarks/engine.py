@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from densepure_core.rng import REVERSE, SMOOTH, derive_seed, gaussian_rows, make_noise  # noqa: E402
-from densepure_core.smoothing import SmoothedBaseClassifier, VoteStats  # noqa: E402
+from densepure_core.smoothing import EngineOptions, SmoothedBaseClassifier, VoteStats  # noqa: E402
 
 ASSETS = ROOT / "densepure_core" / "assets" / "digits"
 
@@ -96,7 +96,7 @@ def reference_counts(purifier, classifier, images, ids, *, sigma, k_votes, n0, n
                     noisy = x.unsqueeze(0) + sigma * eps
                     noise = make_noise([derive_seed(run_seed, image_id, j, k, REVERSE) for j in js], x.shape,
                                        x.device, noise_device=noise_device)
-                    logits = classifier(purifier(noisy, noise).clamp(0.0, 1.0))
+                    logits = classifier(purifier(noisy, noise))  # the purifier clips its own output
                     labels.append(logits.argmax(1).cpu().numpy())
                     unet_calls += len(js) * purifier.unet_calls_per_purification
                 saved[(k, image_id, name)] = np.concatenate(labels)
@@ -139,9 +139,9 @@ def profile_engine(make_sbc, images, ids, n0, n, top=12) -> None:
               "engine bookkeeping (slots, votes, numpy)": 0.0, "models (UNet, classifier, step math)": 0.0}
     for (file, _line, func), v in st.stats.items():
         tt = v[2]
-        if "rng.py" in file or any(s in func for s in ("randn", "manual_seed", "Generator", "blake2b")):
+        if "rng.py" in file or any(s in func for s in ("standard_normal", "Philox", "Generator", "blake2b")):
             groups["rng (seeds, generators, randn, counter noise)"] += tt
-        elif "smoothing.py" in file or "numpy" in file or func.startswith("<method '") and "numpy" in func \
+        elif "smoothing/scheduler.py" in file or "numpy" in file or func.startswith("<method '") and "numpy" in func \
                 or any(s in func for s in ("bincount", "flatnonzero", "unique", "argmax' of 'numpy")):
             groups["engine bookkeeping (slots, votes, numpy)"] += tt
         else:
@@ -190,10 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     copies = args.images * (args.n0 + args.n)
 
     def make_sbc():
-        return SmoothedBaseClassifier(
-            clf, purifier, args.sigma, votes=args.votes, num_classes=10, batch_size=args.batch_size,
-            early_exit=True, run_seed=args.seed, pad_batches=args.pad_batches, precision=args.precision,
-            noise_device=args.noise_device, channels_last=args.channels_last, compile=args.compile)
+        # EngineOptions takes the switches named like the command line's (batch_size, precision, ...).
+        return SmoothedBaseClassifier(clf, purifier, args.sigma, votes=args.votes, num_classes=10,
+                                      run_seed=args.seed, options=EngineOptions.from_settings(args))
 
     print(f"engine benchmark: {what}; {args.images} images x (n0={args.n0} + n={args.n}) copies, sigma={args.sigma}, "
           f"K={args.votes}, S={args.steps} (t*={purifier.t_star}), torch {torch.__version__}, "

@@ -217,7 +217,7 @@ def certify_section(args, device, rate, tiny: bool, results: dict) -> None:
     from densepure_core.models import Classifier
     from densepure_core.purify import make_purifier, unet_denoiser
     from densepure_core.schedule import DiffusionSchedule
-    from densepure_core.smoothing import SmoothedBaseClassifier
+    from densepure_core.smoothing import EngineOptions, SmoothedBaseClassifier
 
     unet, size = build_adm(tiny, device)
     beit, beit_size = build_beit(tiny, device)
@@ -229,17 +229,17 @@ def certify_section(args, device, rate, tiny: bool, results: dict) -> None:
     num_classes = beit.num_classes
     clf = Classifier(beit, input_size=beit_size, interpolation="bicubic", mean=0.5, std=0.5, in_chans=3,
                      num_classes=num_classes).to(device).eval()
-    sbc = SmoothedBaseClassifier(
-        clf, purifier, args.sigma, votes=args.votes, num_classes=num_classes, batch_size=args.certify_batch,
-        early_exit=False, pad_batches=True, precision="bf16" if args.certify_dtype == "bf16-autocast" else "fp32",
-        device=device, noise_device=args.noise_device, cuda_graphs=args.graphs, compile=args.compile,
+    options = EngineOptions(
+        batch_size=args.certify_batch, early_exit=False, pad_batches=True,
+        precision="bf16" if args.certify_dtype == "bf16-autocast" else "fp32", device=device,
+        noise_device=args.noise_device, cuda_graphs=args.graphs, compile=args.compile,
         channels_last=args.channels_last, model_name="stand-ins")
+    sbc = SmoothedBaseClassifier(clf, purifier, args.sigma, votes=args.votes, num_classes=num_classes,
+                                 options=options)
     x = torch.rand((3, size, size), generator=torch.Generator().manual_seed(0))
-    # Warm-up, not timed: one batch (cuDNN autotuning, compile, graph capture). One vote per copy
-    # makes it one batch instead of K; nothing captured depends on K.
-    sbc.votes = 1
+    # Warm-up, not timed: the K batches of one batch of copies (cuDNN autotuning, compile, graph
+    # capture on the first).
     sbc.labels(x, "warm-up", range(args.certify_batch))
-    sbc.votes = args.votes
     sync(device)
     copies = args.certify_copies
     t0 = time.perf_counter()

@@ -42,6 +42,7 @@ import math
 import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -52,7 +53,9 @@ __all__ = [
     "REVERSE",
     "NOISE_DEVICES",
     "derive_seed",
+    "NoiseSource",
     "RowNoise",
+    "StagedNoise",
     "gaussian_rows",
     "philox4x32",
     "counter_normal",
@@ -157,6 +160,23 @@ def gaussian_rows(seeds: Sequence[int], shape: Sequence[int], device: torch.devi
 def _check_noise_device(noise_device: str) -> None:
     if noise_device not in NOISE_DEVICES:
         raise ValueError(f"noise_device={noise_device!r}: expected one of {NOISE_DEVICES}")
+
+
+@runtime_checkable
+class NoiseSource(Protocol):
+    """Per-row reverse-process noise for one batch (RowNoise, CounterNoise, StagedNoise).
+
+    The contract (``tests/densepure_core/test_rng.py::test_noise_source_contract``): ``draw()``
+    returns ``[len(self), *shape]``; its t-th call gives row i the t-th draw of row i's stream,
+    which depends only on that row's seed (never on the other rows, their order or the batch
+    size); rows without a stream (padding) are zero.
+    """
+
+    shape: tuple[int, ...]
+
+    def __len__(self) -> int: ...
+
+    def draw(self) -> torch.Tensor: ...
 
 
 class RowNoise:
@@ -342,6 +362,27 @@ class CounterNoise:
         self._t += 1
         z = z.view(len(self), *self.shape) * self._valid
         return z.to(self.dtype)
+
+
+class StagedNoise:
+    """Draws made ahead into one tensor ``[draws, B, *shape]``; the t-th ``draw()`` returns slice t.
+
+    For a captured CUDA graph, whose noise input must be a fixed device buffer: the rows'
+    streams are drawn into it before each replay (``RowNoise.draw_into``).
+    """
+
+    def __init__(self, z: torch.Tensor):
+        self.z = z
+        self.shape = tuple(z.shape[2:])
+        self._t = 0
+
+    def __len__(self) -> int:
+        return int(self.z.shape[1])
+
+    def draw(self) -> torch.Tensor:
+        out = self.z[self._t]
+        self._t += 1
+        return out
 
 
 def make_noise(seeds: Sequence[int | None], shape: Sequence[int], device: torch.device | str,

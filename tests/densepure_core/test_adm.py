@@ -34,11 +34,10 @@ from densepure_core import adm
 from densepure_core.adm import ADM_PRESETS, AdmConfig, AdmConversionError
 from densepure_core.models import load_diffusion
 from densepure_core.purify import (
+    ReverseProcess,
     one_shot,
-    respace,
     respaced_timesteps,
     reverse_process,
-    reverse_step,
     unet_denoiser,
 )
 from densepure_core.rng import REVERSE, RowNoise, derive_seed
@@ -196,8 +195,9 @@ def test_posterior_mean_and_variance_match(converted, name):
     cfg, model, dm = converted[name]
     schedule = DiffusionSchedule.from_scheduler(dm.scheduler)
     ref_diff = gd_diffusion(cfg)
-    spaced = respace(schedule, range(cfg.diffusion_steps))
     den = unet_denoiser(dm.unet)
+    chain = ReverseProcess(den, schedule, range(cfg.diffusion_steps - 1, -1, -1))  # step i is t = T-1-i
+    spaced = chain.spaced
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=g)
     # The timesteps purifiers use: up to t*(sigma = 1). (Near t = T-1, x0 = x_t / sqrt(abar) - ...
@@ -206,7 +206,7 @@ def test_posterior_mean_and_variance_match(converted, name):
         tt = torch.full((2,), t)
         with torch.no_grad():
             ref = ref_diff.p_mean_variance(model, x, tt, clip_denoised=True)
-            mean, x0 = reverse_step(den, schedule, spaced, x, t, torch.zeros_like(x))
+            mean, x0 = chain.step(x, chain.num_steps - 1 - t, torch.zeros_like(x))  # z = 0: the mean
             out = den(x, tt)
             v = out[:, 3:] if cfg.learn_sigma else None
             log_var = spaced.log_variance(t, schedule.variance_type, v, x)

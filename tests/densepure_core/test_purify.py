@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import diffusers.schedulers.scheduling_ddpm as scheduling_ddpm
 import numpy as np
@@ -12,6 +13,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from densepure_core import purify
 from densepure_core.purify import (
+    ReverseProcess,
     make_purifier,
     noisy_to_xt,
     one_shot,
@@ -71,6 +73,11 @@ class ListNoise:
     def __init__(self, tensors):
         self.tensors = list(tensors)
         self.draws = 0
+        self.shape = tuple(self.tensors[0].shape[1:]) if self.tensors else ()
+        self._rows = self.tensors[0].shape[0] if self.tensors else 0
+
+    def __len__(self) -> int:
+        return self._rows
 
     def draw(self) -> torch.Tensor:
         self.draws += 1
@@ -310,7 +317,7 @@ def test_purifier_kinds(eps_model):
     assert make_purifier("none", None, None, 0.25)(x, None) is x
     with pytest.raises(ValueError, match="kind"):
         make_purifier("ddim", eps_model, s, 0.25)
-    with pytest.raises(ValueError, match="RowNoise"):
+    with pytest.raises(ValueError, match="noise source"):
         make_purifier("densepure", eps_model, s, 0.25, steps=2)(x, None)
 
 
@@ -379,6 +386,127 @@ def test_reverse_process_refuses_bad_timesteps(eps_model):
     for ts in ([], [10, 10], [5, 10]):
         with pytest.raises(ValueError, match="descending"):
             reverse_process(eps_model, s, x, ts, ListNoise([]))
-    with pytest.raises(ValueError, match="RowNoise"):
+    with pytest.raises(ValueError, match="needs noise"):
         reverse_process(eps_model, s, x, [10, 5], None)
     assert purify.KINDS == ("none", "one_shot", "densepure", "full")
+
+
+# --------------------------------------------------------------------------- the one reverse step
+def _fixture_purifiers(tmp_path_factory):
+    from model_factory import tiny_ddpm
+
+    from densepure_core.models import load_diffusion
+
+    for lr in (False, True):
+        dm = load_diffusion(str(tiny_ddpm(tmp_path_factory.mktemp(f"ref{int(lr)}"), learned_range=lr)))
+        sched = DiffusionSchedule.from_scheduler(dm.scheduler)
+        for kind, sigma, steps in (("one_shot", 0.5, 1), ("densepure", 0.5, 3), ("densepure", 0.25, 2),
+                                   ("full", 0.12, 1)):
+            yield f"lr{int(lr)}-{kind}-s{sigma}-S{steps}", make_purifier(kind, unet_denoiser(dm.unet), sched,
+                                                                          sigma, steps=steps)
+
+
+def test_reverse_step_is_bit_identical_to_the_engines_former_fast_path(tmp_path_factory):
+    """tests/densepure_core/data/fast_path_reference.pt holds the outputs of the engine's former
+    ``_FastPurifier`` (its own copy of the step arithmetic, with device-cached coefficients) on
+    these tiny DDPMs, for explicit noise tensors. The one ReverseProcess.step must reproduce them
+    bit for bit, for every kind and both variance types."""
+    ref = torch.load(Path(__file__).parent / "data" / "fast_path_reference.pt")
+    seen = 0
+    for key, p in _fixture_purifiers(tmp_path_factory):
+        x = torch.rand((5, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(11)
+        zs = [torch.randn((5, 3, 8, 8), generator=g) for _ in range(p.draws)]
+        assert torch.equal(p(x, zs if zs else None), ref[key]), key
+        # The same through a noise source handing out the same tensors (drawn after each UNet call).
+        if zs:
+            assert torch.equal(p(x, ListNoise(zs)), ref[key]), key
+        seen += 1
+    assert seen == len(ref) == 8
+
+
+def test_reverse_step_gives_exact_gradients_and_checkpoints(eps_model):
+    """Every operation of a step is differentiable, and the noise is an argument: a step wrapped
+    in torch.utils.checkpoint (memory flat in the number of steps) gives the same gradient."""
+    s = DiffusionSchedule.linear()
+    chain = ReverseProcess(eps_model, s, respaced_timesteps(144, 3))
+    x_t = noisy_to_xt(_noisy(2, 0.25), s.alphas_cumprod[144])
+    zs = _noise_tensors(chain.draws, 2)
+
+    def run(step):
+        x = x_t.clone().requires_grad_(True)
+        h = x
+        for i in range(chain.num_steps):
+            h, x0 = step(h, i, zs[i] if i < chain.draws else None)
+        (x0 * torch.linspace(-1, 1, x0.numel()).view_as(x0)).sum().backward()
+        return x0.detach(), x.grad
+
+    def checkpointed(h, i, z):
+        return torch.utils.checkpoint.checkpoint(chain.step, h, i, z, use_reentrant=False)
+
+    out, grad = run(chain.step)
+    out_ck, grad_ck = run(checkpointed)
+    assert torch.equal(out, out_ck) and grad.abs().sum() > 0
+    torch.testing.assert_close(grad_ck, grad, rtol=0, atol=0)
+    # and the same function as the no-grad chain
+    assert torch.equal(out, chain.run(x_t, zs))
+
+
+def test_fixed_noise_is_checked(eps_model):
+    s = DiffusionSchedule.linear()
+    chain = ReverseProcess(eps_model, s, [144, 72, 10])
+    x_t = noisy_to_xt(_noisy(2, 0.25), s.alphas_cumprod[144])
+    with pytest.raises(ValueError, match="2 tensors given|draws 2"):
+        chain.run(x_t, _noise_tensors(1, 2))
+    with pytest.raises(ValueError, match="needs noise"):
+        chain.run(x_t, None)
+    with pytest.raises(ValueError, match="strictly descending"):
+        ReverseProcess(eps_model, s, [10, 72])
+
+
+# --------------------------------------------------------------------------- the purifier contract
+def _contract_purifiers():
+    s = DiffusionSchedule.linear()
+    sl = DiffusionSchedule(s.betas, variance_type="learned_range")
+    eps, lrm = unet_denoiser(_tiny_unet()), unet_denoiser(_tiny_unet(2 * C))
+    return {
+        "none": make_purifier("none", None, None, 0.25),
+        "one_shot": make_purifier("one_shot", eps, s, 0.25),
+        "densepure": make_purifier("densepure", eps, s, 0.25, steps=3),
+        "densepure_lr": make_purifier("densepure", lrm, sl, 0.25, steps=2),
+        "full": make_purifier("full", eps, s, 0.05),
+    }
+
+
+@pytest.mark.parametrize("name", ["none", "one_shot", "densepure", "densepure_lr", "full"])
+def test_purifier_contract(name):
+    """What every PurifierProtocol implementation guarantees (see purify.PurifierProtocol)."""
+    from densepure_core.purify import PurifierProtocol
+
+    p = _contract_purifiers()[name]
+    assert isinstance(p, PurifierProtocol)
+    x = _noisy(4, 0.25)
+    seeds = [derive_seed(1, f"img{i}", 0, 0, REVERSE) for i in range(4)]
+
+    def noise(rows=slice(None)):
+        return RowNoise(seeds[rows], (C, H, H)) if p.stochastic else None
+
+    out = p(x, noise())
+    assert out.shape == x.shape and out.dtype == x.dtype
+    # Deterministic given its noise streams.
+    assert torch.equal(out, p(x, noise()))
+    if name == "none":
+        assert out is x  # the identity: the classifier sees the unclipped copy
+        assert p.unet_calls_per_purification == 0 and not p.stochastic
+        return
+    assert out.min() >= 0 and out.max() <= 1  # a denoising purifier clips its own output
+    assert p.unet_calls_per_purification == len(p.timesteps) >= 1
+    assert p.stochastic == (p.draws > 0) == (len(p.timesteps) > 1)
+    # A row depends only on itself and its stream (up to the UNet's batch-size rounding).
+    torch.testing.assert_close(p(x[1:3], noise(slice(1, 3))), out[1:3], rtol=0, atol=1e-5)
+    if p.stochastic:
+        counter = ListNoise(_noise_tensors(p.draws, 4))
+        p(x, counter)
+        assert counter.draws == p.draws
+        with pytest.raises(ValueError, match="noise"):
+            p(x, None)

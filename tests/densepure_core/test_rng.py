@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from densepure_core import rng
-from densepure_core.rng import (REVERSE, SMOOTH, CounterNoise, RowNoise, counter_normal, derive_seed,
+from densepure_core.rng import (REVERSE, SMOOTH, CounterNoise, RowNoise, StagedNoise, counter_normal, derive_seed,
                                 gaussian_rows, make_noise, philox4x32)
 
 # Random123 tests/kat_vectors, the three `philox4x32 10` lines: (counter, key, output).
@@ -196,3 +196,34 @@ def test_all_streams_of_one_image_are_pairwise_distinct():
 
 def test_stream_version_is_the_full_seed_version():
     assert rng.STREAM_VERSION == 2
+
+
+# --------------------------------------------------------------------------- the NoiseSource contract
+def _staged(seeds, shape):
+    rows = RowNoise(seeds, shape)
+    z = torch.zeros((3, len(seeds), *shape))
+    for t in range(3):
+        rows.draw_into(z[t])
+    return StagedNoise(z)
+
+
+@pytest.mark.parametrize("make", [RowNoise, CounterNoise, _staged], ids=["RowNoise", "CounterNoise", "StagedNoise"])
+def test_noise_source_contract(make):
+    """Every NoiseSource: [B, *shape] draws; row i's t-th draw depends only on its own seed
+    (not on the other rows, their order or the batch size); padding rows are zero."""
+    shape = (2, 3, 3)
+    seeds = [derive_seed(0, "img", j, k, REVERSE) for j, k in ((0, 0), (0, 1), (5, 0), (9, 3))]
+    src = make(seeds, shape)
+    assert isinstance(src, rng.NoiseSource) and len(src) == 4 and tuple(src.shape) == shape
+    draws = [src.draw() for _ in range(3)]
+    assert all(d.shape == (4, *shape) and d.dtype == torch.float32 for d in draws)
+    assert not torch.equal(draws[0], draws[1])  # a stream moves on
+    assert len({tuple(r.flatten().tolist()) for r in draws[0]}) == 4  # rows are distinct streams
+    # Another batch: reversed, with padding, one row alone.
+    other = make([None, seeds[3], seeds[1], None], shape)
+    again = [other.draw() for _ in range(3)]
+    alone = make([seeds[1]], shape)
+    for t in range(3):
+        assert torch.equal(again[t][1], draws[t][3]) and torch.equal(again[t][2], draws[t][1])
+        assert torch.equal(again[t][0], torch.zeros(shape)) and torch.equal(again[t][3], torch.zeros(shape))
+        assert torch.equal(alone.draw()[0], draws[t][1])

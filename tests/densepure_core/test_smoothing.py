@@ -7,12 +7,19 @@ import pytest
 import torch
 
 from densepure_core.smoothing import (
-    _UNSEEN,
+    EngineOptions,
     NonFiniteOutputError,
     SmoothedBaseClassifier,
     VoteStats,
     majority_decided,
 )
+from densepure_core.smoothing.scheduler import UNSEEN as _UNSEEN
+
+
+def sbc_of(classifier, purifier, sigma, *, votes=1, num_classes, run_seed=0, **options):
+    """A SmoothedBaseClassifier with ``options`` as its EngineOptions."""
+    return SmoothedBaseClassifier(classifier, purifier, sigma, votes=votes, num_classes=num_classes,
+                                  run_seed=run_seed, options=EngineOptions(**options))
 
 
 class NoisyPurifier:
@@ -46,8 +53,8 @@ def image(size=4):
 
 
 def make(votes=5, batch_size=16, early_exit=True, purifier=None, **kw):
-    return SmoothedBaseClassifier(tiny_classifier(), purifier or NoisyPurifier(), sigma=0.5, votes=votes,
-                                  num_classes=4, batch_size=batch_size, early_exit=early_exit, run_seed=7, **kw)
+    return sbc_of(tiny_classifier(), purifier or NoisyPurifier(), sigma=0.5, votes=votes,
+                  num_classes=4, batch_size=batch_size, early_exit=early_exit, run_seed=7, **kw)
 
 
 def brute_majority(seq, num_classes):
@@ -149,7 +156,7 @@ def test_plain_rs_classifies_the_unclipped_noisy_copy():
     from densepure_core.purify import make_purifier
 
     clf = RangeRecorder()
-    SmoothedBaseClassifier(clf, make_purifier("none", None, None, 1.0), 1.0, num_classes=4).counts(
+    sbc_of(clf, make_purifier("none", None, None, 1.0), 1.0, num_classes=4).counts(
         image(), "img-rs", range(64))
     assert clf.lo < -1.0 and clf.hi > 2.0  # sigma = 1 noise leaves [0, 1] by far
 
@@ -171,7 +178,7 @@ def test_nan_logits_name_the_image():
         def forward(self, x):
             return torch.full((x.shape[0], 4), float("nan"))
 
-    sbc = SmoothedBaseClassifier(NaNClassifier(), Identity(), 0.5, num_classes=4, model_name="clf")
+    sbc = sbc_of(NaNClassifier(), Identity(), 0.5, num_classes=4, model_name="clf")
     with pytest.raises(NonFiniteOutputError, match="img-nan"):
         sbc.counts(image(), "img-nan", range(3))
 
@@ -184,7 +191,7 @@ from model_factory import tiny_ddpm  # noqa: E402
 
 from densepure_core.purify import make_purifier, unet_denoiser  # noqa: E402
 from densepure_core.rng import CounterNoise, RowNoise  # noqa: E402
-from densepure_core.smoothing import CertifiedImage, _FastPurifier, prefetch  # noqa: E402
+from densepure_core.smoothing import CertifiedImage, prefetch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -234,22 +241,11 @@ def x3(size=8, seed=2):
     return torch.rand((3, size, size), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("lr", [False, True])
-@pytest.mark.parametrize("kind", ["one_shot", "densepure", "full"])
-@pytest.mark.parametrize("noise_cls", [RowNoise, CounterNoise])
-def test_fast_purifier_is_bit_identical_to_the_purifier(ddpms, lr, kind, noise_cls):
-    p = densepure(ddpms, lr, kind, sigma=0.12 if kind == "full" else 0.5)
-    x = torch.rand((5, 3, 8, 8), generator=torch.Generator().manual_seed(0))
-    seeds = [100 + i for i in range(5)]
-    make = (lambda: noise_cls(seeds, (3, 8, 8))) if p.stochastic else (lambda: None)
-    assert torch.equal(_FastPurifier(p)(x, make()), p(x, make()))
-
-
 def test_engine_fast_path_equals_generic_path_and_reference_loop(ddpms):
     p = densepure(ddpms)
     clf = PoolClassifier()
-    fast = SmoothedBaseClassifier(clf, p, 0.5, votes=5, num_classes=4, batch_size=16, run_seed=3)
-    slow = SmoothedBaseClassifier(clf, Wrapped(p), 0.5, votes=5, num_classes=4, batch_size=7, run_seed=3,
+    fast = sbc_of(clf, p, 0.5, votes=5, num_classes=4, batch_size=16, run_seed=3)
+    slow = sbc_of(clf, Wrapped(p), 0.5, votes=5, num_classes=4, batch_size=7, run_seed=3,
                                   early_exit=False)
     x = x3()
     s_fast = VoteStats()
@@ -280,7 +276,7 @@ def test_certify_many_equals_per_image_counts_and_keeps_order():
 
 
 def test_certify_many_handles_mixed_image_sizes_and_empty_streams():
-    sbc = SmoothedBaseClassifier(PoolClassifier(1), NoisyPurifier(), 0.5, votes=3, num_classes=4, batch_size=8)
+    sbc = sbc_of(PoolClassifier(1), NoisyPurifier(), 0.5, votes=3, num_classes=4, batch_size=8)
     images = [("a", image(4)), ("b", image(6)), ("c", image(4))]
     got = {r.image_id: r for r in sbc.certify_many(images, n0=2, n=9)}
     for i, x in images:
@@ -331,7 +327,7 @@ def test_nan_in_a_stream_names_the_image():
             out[x.flatten(1).min(dim=1).values >= 1.0] = float("nan")  # "b" (+100) clamps to all ones
             return out
 
-    sbc = SmoothedBaseClassifier(NaNForB(), Identity(), 0.5, num_classes=4, batch_size=4)
+    sbc = sbc_of(NaNForB(), Identity(), 0.5, num_classes=4, batch_size=4)
     with pytest.raises(NonFiniteOutputError, match="'b'"):
         list(sbc.certify_many([("a", image()), ("b", image() + 100)], n0=2, n=3))
 
@@ -343,7 +339,7 @@ def test_certify_many_can_isolate_a_failing_image():
             out[x.flatten(1).min(dim=1).values >= 1.0] = float("nan")
             return out
 
-    sbc = SmoothedBaseClassifier(NaNForOnes(), NoisyPurifier(), 0.5, votes=3, num_classes=4, batch_size=16)
+    sbc = sbc_of(NaNForOnes(), NoisyPurifier(), 0.5, votes=3, num_classes=4, batch_size=16)
     images = [("a", image()), ("b", image() + 100), ("c", OSError("unreadable")), ("d", image())]
     got = list(sbc.certify_many(images, n0=4, n=20, errors="return"))
     assert [r.image_id for r in got] == ["a", "b", "c", "d"]
@@ -367,9 +363,9 @@ def test_bf16_autocast_stays_within_tolerance_of_fp32(ddpms):
     seeds = list(range(6))
     outs = {}
     for precision in ("fp32", "bf16"):
-        sbc = SmoothedBaseClassifier(clf, p, 0.5, votes=3, num_classes=4, precision=precision)
-        with torch.no_grad(), sbc._autocast():
-            outs[precision] = sbc._fast(x, RowNoise(seeds, (3, 8, 8))).float()
+        sbc = sbc_of(clf, p, 0.5, votes=3, num_classes=4, precision=precision)
+        with torch.no_grad(), sbc.executor._autocast():
+            outs[precision] = sbc.purifier(x, RowNoise(seeds, (3, 8, 8))).float()
     ref = outs["fp32"]
     rel = ((outs["bf16"] - ref).norm() / ref.norm()).item()
     assert 0 < rel < 5e-2  # bf16 operands: ~1e-2; the same function, not another one
@@ -380,12 +376,12 @@ def test_channels_last_and_compile_switches_keep_labels(ddpms):
 
     p = densepure(ddpms)
     x = x3(seed=5)
-    base = SmoothedBaseClassifier(PoolClassifier(), p, 0.5, votes=3, num_classes=4)
+    base = sbc_of(PoolClassifier(), p, 0.5, votes=3, num_classes=4)
     ref = base.labels(x, "img-s", range(30))
     # A copy of the models: the switches modify modules in place.
     unet = copy.deepcopy(p.denoiser.unet)
     p2 = dataclasses.replace(p, denoiser=unet_denoiser(unet))
-    sbc = SmoothedBaseClassifier(PoolClassifier(), p2, 0.5, votes=3, num_classes=4, channels_last=True,
+    sbc = sbc_of(PoolClassifier(), p2, 0.5, votes=3, num_classes=4, channels_last=True,
                                  compile=True, compile_options={"backend": "eager"})
     assert sbc.purifier.denoiser.unet is not unet  # the compiled wrapper around the same module
     conv_weight = next(w for w in unet.parameters() if w.ndim == 4)
@@ -393,8 +389,8 @@ def test_channels_last_and_compile_switches_keep_labels(ddpms):
     # Same function: NHWC kernels may round differently, so outputs agree to float tolerance.
     xb = torch.rand((6, 3, 8, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        a = base._fast(xb, RowNoise(list(range(6)), (3, 8, 8)))
-        b = sbc._fast(xb, RowNoise(list(range(6)), (3, 8, 8)))
+        a = base.purifier(xb, RowNoise(list(range(6)), (3, 8, 8)))
+        b = sbc.purifier(xb, RowNoise(list(range(6)), (3, 8, 8)))
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert (sbc.labels(x, "img-s", range(30)) == ref).mean() >= 0.95
 
@@ -426,12 +422,12 @@ def test_inductor_compile_matches_eager_to_tolerance(ddpms):
     # Real TorchInductor code generation (about a minute on the 2-core dev machine).
     p = densepure(ddpms)
     x = x3(seed=6)
-    ref = SmoothedBaseClassifier(PoolClassifier(), p, 0.5, votes=3, num_classes=4, pad_batches=True,
+    ref = sbc_of(PoolClassifier(), p, 0.5, votes=3, num_classes=4, pad_batches=True,
                                  batch_size=16).labels(x, "img-c", range(32))
     import copy
 
     p2 = dataclasses.replace(p, denoiser=unet_denoiser(copy.deepcopy(p.denoiser.unet)))
-    sbc = SmoothedBaseClassifier(PoolClassifier(), p2, 0.5, votes=3, num_classes=4, pad_batches=True,
+    sbc = sbc_of(PoolClassifier(), p2, 0.5, votes=3, num_classes=4, pad_batches=True,
                                  batch_size=16, compile=True)
     got = sbc.labels(x, "img-c", range(32))
     assert (got == ref).mean() >= 0.95  # float rounding may flip a near-tie copy, never more
@@ -453,11 +449,11 @@ def test_cuda_graphs_replay_gives_the_eager_labels(ddpms, noise_device):
     p, clf = _cuda_models(ddpms)
     x = x3(seed=7)
     kw = dict(votes=5, num_classes=4, batch_size=32, noise_device=noise_device, pad_batches=True)
-    eager = SmoothedBaseClassifier(clf, p, 0.5, **kw).labels(x, "img-g", range(100))
-    graphed = SmoothedBaseClassifier(clf, p, 0.5, cuda_graphs=True, **kw)
+    eager = sbc_of(clf, p, 0.5, **kw).labels(x, "img-g", range(100))
+    graphed = sbc_of(clf, p, 0.5, cuda_graphs=True, **kw)
     np.testing.assert_array_equal(graphed.labels(x, "img-g", range(100)), eager)
     # and again (replays of the same captured graph, other rows)
-    eager2 = SmoothedBaseClassifier(clf, p, 0.5, **kw).labels(x, "img-h", range(50))
+    eager2 = sbc_of(clf, p, 0.5, **kw).labels(x, "img-h", range(50))
     np.testing.assert_array_equal(graphed.labels(x, "img-h", range(50)), eager2)
 
 
@@ -467,8 +463,8 @@ def test_cuda_cpu_noise_counts_equal_cpu_device_counts_to_rounding(ddpms):
     unet, schedule = ddpms[False]
     p_cpu = make_purifier("densepure", unet_denoiser(unet), schedule, 0.5, steps=3)
     x = x3(seed=8)
-    a = SmoothedBaseClassifier(clf_gpu, p_gpu, 0.5, votes=3, num_classes=4).labels(x, "img-x", range(100))
-    b = SmoothedBaseClassifier(PoolClassifier(), p_cpu, 0.5, votes=3, num_classes=4).labels(x, "img-x", range(100))
+    a = sbc_of(clf_gpu, p_gpu, 0.5, votes=3, num_classes=4).labels(x, "img-x", range(100))
+    b = sbc_of(PoolClassifier(), p_cpu, 0.5, votes=3, num_classes=4).labels(x, "img-x", range(100))
     assert (a == b).mean() >= 0.97  # the same noise; only float rounding differs between devices
 
 
@@ -477,9 +473,9 @@ def test_cuda_cpu_noise_counts_equal_cpu_device_counts_to_rounding(ddpms):
 def test_cuda_device_noise_is_batch_size_independent(ddpms, batch_size):
     p, clf = _cuda_models(ddpms)
     x = x3(seed=9)
-    ref = SmoothedBaseClassifier(clf, p, 0.5, votes=3, num_classes=4, batch_size=16,
+    ref = sbc_of(clf, p, 0.5, votes=3, num_classes=4, batch_size=16,
                                  noise_device="device").labels(x, "img-n", range(80))
-    got = SmoothedBaseClassifier(clf, p, 0.5, votes=3, num_classes=4, batch_size=batch_size,
+    got = sbc_of(clf, p, 0.5, votes=3, num_classes=4, batch_size=batch_size,
                                  noise_device="device").labels(x, "img-n", range(80))
     assert (got == ref).mean() >= 0.97  # cuDNN may pick another algorithm per batch size
 
@@ -491,9 +487,9 @@ def test_cuda_low_precision_within_tolerance(ddpms, precision):
     x = torch.rand((16, 3, 8, 8), generator=torch.Generator().manual_seed(4)).cuda()
     outs = {}
     for prec in ("fp32", precision):
-        sbc = SmoothedBaseClassifier(clf, p, 0.5, votes=3, num_classes=4, precision=prec)
-        with torch.no_grad(), sbc._autocast():
-            outs[prec] = sbc._fast(x, RowNoise(list(range(16)), (3, 8, 8), device="cuda")).float()
+        sbc = sbc_of(clf, p, 0.5, votes=3, num_classes=4, precision=prec)
+        with torch.no_grad(), sbc.executor._autocast():
+            outs[prec] = sbc.purifier(x, RowNoise(list(range(16)), (3, 8, 8), device="cuda")).float()
     rel = ((outs[precision] - outs["fp32"]).norm() / outs["fp32"].norm()).item()
     assert rel < 5e-2
 
