@@ -10,7 +10,7 @@ Builds one :class:`~densepure_core.config.CertifyConfig` (the bundled digits mod
 split, sigma 0.25/0.5/1.0; methods ``rs-clean``, ``rs-noise``, ``dds`` and DensePure for every
 K x S of ``--ks`` x ``--steps``), runs :func:`flows.certify.run_certify` into ``--out`` (so a
 rerun resumes: finished shards are kept, only missing ones are voted), then queries the
-published tables with DuckDB (:func:`tasks.sqlfuncs.connect`) for:
+published tables with DuckDB (:func:`tasks.query.connect`) for:
 
 - certified accuracy at radii 0, 0.25, 0.5, 0.75, 1.0, 1.5 per (sigma, method), abstention;
 - mean UNet calls, classifier calls and seconds per image (the votes record the calls made);
@@ -87,7 +87,7 @@ def proportion_ci(k: int, m: int, level: float = 0.95) -> tuple[float, float]:
 
 def query(out: str) -> list[dict]:
     """One row per (sigma, method): accuracy at TABLE_RADII, abstention, cost, early-exit saving."""
-    from tasks.sqlfuncs import connect
+    from tasks.query import connect
 
     acc_cols = ", ".join(
         f"avg((correct AND radius >= {r})::INT) AS \"acc_{r:g}\"" for r in TABLE_RADII)
@@ -131,7 +131,7 @@ def paired_vs_dds(out: str) -> dict[tuple[float, str, float], tuple[int, int, fl
     the same for both methods, so the paired test is the right one)."""
     from scipy.stats import binomtest
 
-    from tasks.sqlfuncs import connect
+    from tasks.query import connect
 
     cases = ", ".join(
         f"count(*) FILTER (WHERE (a.correct AND a.radius >= {r}) AND NOT (d.correct AND d.radius >= {r})), "
@@ -170,7 +170,7 @@ def plot(out: str, rows: list[dict], path: Path, alpha: float) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from tasks.sqlfuncs import connect
+    from tasks.query import connect
 
     con = connect(out)
     try:
@@ -362,6 +362,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="densepure-digits-prefect-"))
+    from flows.environment import apply_environment_defaults
+
+    apply_environment_defaults()  # before flows.certify imports Prefect
     cfg = build_config(args)
     if args.dry_run:  # few methods: rs-clean, dds and one DensePure
         from densepure_core.config import load_config

@@ -1,6 +1,6 @@
 """The ``densepure`` command line (typer). Every command has ``--help``.
 
-    densepure certify [--config FILE] [--out DIR|s3://b/p] [--ray-address ADDR] [--set k=v ...]
+    densepure certify [--config FILE|PRESET] [--out DIR|s3://b/p] [--ray-address ADDR] [--set k=v ...]
     densepure sql OUT "SELECT ..." [--alpha A] [--format table|csv|json]
     densepure report OUT
     densepure export-tsv OUT [--dest DIR]
@@ -13,27 +13,36 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
-# Before torch is imported (here and in the Ray actors, which inherit the environment): idle
-# OpenMP threads sleep instead of spinning. On shared or small machines spinning threads made
-# training and certification steps 5-20x slower; results are unchanged.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import typer
 
-import typer  # noqa: E402
+from flows.cli_models import register as _register_models  # (convert-adm, models fetch/list)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Certified robustness of image classifiers with diffusion purification "
                        "(randomized smoothing, DDS, DensePure).")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect and validate configs.")
 app.add_typer(config_app, name="config")
-from flows.cli_models import register as _register_models  # noqa: E402  (convert-adm, models fetch/list)
-
 _register_models(app)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+#: The config of `densepure certify` without --config: a preset shipped as package data
+#: (densepure_core/configs/default.yaml, read with importlib.resources; config.packaged_config).
+DEFAULT_CONFIG = "default"
+
+
+@app.callback()
+def _entry() -> None:
+    """The entry point of every command, run before it (and before it imports torch or Prefect,
+    which read these settings at import): environment defaults (flows/environment.py) and the
+    fault-injection driver record (tasks/faults.py, tests only). Importing this module sets
+    nothing."""
+    from flows.environment import apply_environment_defaults
+    from tasks.faults import record_driver_process_group
+
+    apply_environment_defaults()
+    record_driver_process_group()
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -71,9 +80,9 @@ def _quiet_console_tracebacks() -> None:
 
 
 def _load(config: Path | None, overrides: list[str]):
-    from densepure_core.config import ConfigError, load_config
+    from densepure_core.config import ConfigError, load_config, packaged_config
 
-    path = config or DEFAULT_CONFIG
+    path = config or packaged_config(DEFAULT_CONFIG)
     try:
         return load_config(path, overrides)
     except ConfigError as exc:
@@ -82,8 +91,9 @@ def _load(config: Path | None, overrides: list[str]):
 
 @app.command()
 def certify(
-    config: Path = typer.Option(None, "--config", "-c", help="YAML config; default: the embedded default "
-                                "(configs/default.yaml: bundled digits models and data)."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config file or packaged preset name "
+                                "(imagenet_dds, imagenet_densepure, cifar10_dds, cifar10_densepure); default: the "
+                                "packaged 'default' (bundled digits models and data)."),
     out: str = typer.Option(None, "--out", "-o", help="Output directory or s3://bucket/prefix (default: the config's out)."),
     ray_address: str = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (default: local Ray on loopback)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: key=value (dotted keys, YAML values)."),
@@ -124,7 +134,7 @@ def sql(
 ):
     """Query results with DuckDB (read-only): views votes, certificates, accuracy, plus UDFs
     cp_lower(n_a, n, alpha), norm_ppf(p), smoothing_radius(sigma, p), binom_pvalue(c1, c2)."""
-    from tasks.sqlfuncs import run_query
+    from tasks.query import run_query
 
     if fmt not in ("table", "csv", "json"):
         _fail(f"--format {fmt!r}: choose table, csv or json")
@@ -170,7 +180,8 @@ def train_toy(
 
 @config_app.command("show")
 def config_show(
-    config: Path = typer.Option(None, "--config", "-c", help="YAML config (default: the embedded default)."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config file or packaged preset name "
+                                "(default: the packaged 'default')."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: key=value."),
 ):
     """Validate a config and print it resolved, with its config_hash."""

@@ -10,9 +10,9 @@ CERTIFY of Cohen et al. in SQL, and writes, atomically:
 - ``OUT/tables/summary.json``: alpha, radii and per-partition image counts (the report reads
   the missing-image note from it).
 
-The exact columns are in docs/schema.md; :data:`VOTES_SCHEMA` is the single source of truth for
-the vote files (the vote stage imports it). Nothing here needs a GPU: a different alpha is a
-new call on the same votes.
+The exact columns are in docs/schema.md; the paths and schemas come from :mod:`tasks.layout` (the
+vote stage writes with the same ones and never imports this module). Nothing here needs a GPU:
+a different alpha is a new call on the same votes.
 
 Run it (1,000,000 images take a few seconds on two cores, see benchmarks/aggregate.py)::
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -40,91 +39,38 @@ from datetime import datetime, timezone
 import duckdb
 import pyarrow as pa
 
+from densepure_core.config import DEFAULT_RADII
 from densepure_core.stats import ABSTAIN
 
 from . import storage
 from .faults import fault_point
+from .layout import (
+    ACCURACY_SCHEMA,
+    CERTIFICATES_SCHEMA,
+    LayoutError,
+    names,
+    parse_vote_path,
+    tables_uri,
+    vote_files,
+    votes_dir,
+)
 from .sqlfuncs import register_udfs
 
 __all__ = [
-    "VOTES_SCHEMA",
-    "CERTIFICATES_SCHEMA",
-    "ACCURACY_SCHEMA",
-    "DEFAULT_RADII",
     "AggregateError",
     "PartitionSummary",
     "AggregateResult",
-    "vote_files",
     "votes_sql",
     "certificates_sql",
     "accuracy_sql",
     "check_votes",
+    "check_alpha",
+    "check_radii",
     "build_tables",
     "aggregate",
-    "tables_uri",
 ]
 
-# ------------------------------------------------------------------------------------------
-# the data contract (docs/schema.md describes every column)
-# ------------------------------------------------------------------------------------------
-
-VOTES_SCHEMA = pa.schema([
-    pa.field("run_id", pa.string(), nullable=False),
-    pa.field("config_hash", pa.string(), nullable=False),
-    pa.field("image_id", pa.string(), nullable=False),
-    pa.field("label", pa.int32(), nullable=False),  # -1: unknown
-    pa.field("sigma", pa.float64(), nullable=False),
-    pa.field("method", pa.string(), nullable=False),
-    pa.field("t_star", pa.int32(), nullable=False),
-    pa.field("k", pa.int32(), nullable=False),
-    pa.field("steps", pa.int32(), nullable=False),
-    pa.field("n0", pa.int32(), nullable=False),
-    pa.field("n", pa.int32(), nullable=False),
-    pa.field("counts0", pa.list_(pa.int32()), nullable=False),  # dense, one entry per class
-    pa.field("counts", pa.list_(pa.int32()), nullable=False),
-    pa.field("unet_calls", pa.int64(), nullable=False),
-    pa.field("classifier_calls", pa.int64(), nullable=False),
-    pa.field("seconds", pa.float64(), nullable=False),
-    pa.field("worker", pa.string(), nullable=False),
-    pa.field("seed", pa.int64(), nullable=False),
-    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
-])
-"""One row per image in ``OUT/votes/sigma=<s>/method=<m>/shard=<id>.parquet``."""
-
-CERTIFICATES_SCHEMA = pa.schema([
-    ("run_id", pa.string()),
-    ("image_id", pa.string()),
-    ("sigma", pa.float64()),
-    ("method", pa.string()),
-    ("label", pa.int32()),
-    ("prediction", pa.int32()),  # ABSTAIN = -1
-    ("n_a", pa.int64()),
-    ("n", pa.int64()),
-    ("alpha", pa.float64()),
-    ("p_a_lower", pa.float64()),
-    ("radius", pa.float64()),
-    ("correct", pa.bool_()),  # NULL where the label is unknown (-1)
-])
-"""``OUT/tables/certificates.parquet``: CERTIFY per image, sorted by (sigma, method, image_id)."""
-
-ACCURACY_SCHEMA = pa.schema([
-    ("run_id", pa.string()),
-    ("sigma", pa.float64()),
-    ("method", pa.string()),
-    ("radius", pa.float64()),
-    ("certified_accuracy", pa.float64()),  # NULL when no image of the partition has a label
-    ("images", pa.int64()),  # the denominator: images with a known label
-])
-"""``OUT/tables/accuracy.parquet``: certified accuracy per (sigma, method) and radius."""
-
-# Cohen et al.'s grid, 0 to 4 in steps of 0.25 (17 radii): covers the 3.2 sigma cap of
-# n = 10^4 at sigma = 1.0 and every radius the published tables quote (0.5 steps).
-DEFAULT_RADII: tuple[float, ...] = tuple(0.25 * i for i in range(17))
-
-# OUT/votes/sigma=<repr(float)>/method=<name>/shard=<digits>.parquet
-_VOTE_PATH = re.compile(r"/votes/sigma=([^/]+)/method=([^/]+)/shard=(\d+)\.parquet$")
-
-_LIST_SHOWN = 10  # how many offending items an error message names before "... and N more"
+_SHOWN = 10  # offending rows fetched for an error message (tasks.layout.names shows 10)
 
 
 class AggregateError(ValueError):
@@ -210,37 +156,9 @@ class AggregateResult:
         return "\n".join(lines)
 
 
-def tables_uri(out: str, name: str) -> str:
-    """``OUT/tables/<name>`` (e.g. ``certificates.parquet``)."""
-    return storage.join(out, "tables", name)
-
-
 # ------------------------------------------------------------------------------------------
 # reading the votes
 # ------------------------------------------------------------------------------------------
-
-def vote_files(out: str) -> list[str]:
-    """Every vote shard under ``OUT/votes`` in the layout of the data contract, sorted.
-
-    Args:
-        out: the OUT root, a local path or an ``s3://`` URI.
-
-    Returns:
-        File URIs (``s3://...`` for S3, absolute paths locally); [] when there are none.
-
-    Raises:
-        AggregateError: a ``.parquet`` file under ``OUT/votes`` is outside the layout, so it
-            would be silently ignored (or silently read) otherwise.
-    """
-    files = storage.list_files(storage.join(out, "votes"), ".parquet")
-    stray = [f for f in files if not _VOTE_PATH.search(f.replace("\\", "/"))]
-    if stray:
-        raise AggregateError(
-            f"{len(stray)} Parquet file(s) under {storage.join(out, 'votes')} are not in the "
-            f"layout votes/sigma=<s>/method=<m>/shard=<id>.parquet: {_names(stray)}. Move them "
-            "out of OUT/votes (aggregate reads every vote shard and nothing else).")
-    return files
-
 
 def votes_sql(files: Sequence[str], *, filename: bool = False) -> str:
     """A ``read_parquet`` over the given vote files, as a SQL table expression.
@@ -250,7 +168,7 @@ def votes_sql(files: Sequence[str], *, filename: bool = False) -> str:
     that they agree with the directory names instead.
 
     Args:
-        files: vote file URIs (see :func:`vote_files`).
+        files: vote file URIs (see :func:`tasks.layout.vote_files`).
         filename: add DuckDB's ``filename`` column (for error messages and path checks).
     """
     if not files:
@@ -287,7 +205,7 @@ def certificates_sql(alpha: float, source: str = "votes") -> str:
     ties go to the lowest class index, as ``numpy.argmax``), n_a = counts[top], n =
     sum(counts); the Clopper-Pearson bound and the radius come from the UDFs ``cp_lower`` and
     ``smoothing_radius`` (:func:`tasks.sqlfuncs.register_udfs`), evaluated once per distinct
-    (sigma, n_a, n). Runs as it is on the ``votes`` view of :func:`tasks.sqlfuncs.connect`.
+    (sigma, n_a, n). Runs as it is on the ``votes`` view of :func:`tasks.query.connect`.
 
     Args:
         alpha: one-sided error level in (0, 1).
@@ -309,7 +227,7 @@ def certificates_sql(alpha: float, source: str = "votes") -> str:
 
 def _certificates_from_base(alpha: float, source: str) -> str:
     """:func:`certificates_sql` on a relation that already has top, n_a and n (``_BASE_SQL``)."""
-    a = _check_alpha(alpha)
+    a = check_alpha(alpha)
     return f"""
 WITH bounds AS (
     SELECT sigma, n_a, n, p_a_lower, smoothing_radius(sigma, p_a_lower) AS r
@@ -343,7 +261,7 @@ def accuracy_sql(radii: Iterable[float] | None = None, source: str = "certificat
         A SELECT statement with the columns of :data:`ACCURACY_SCHEMA`, sorted by
         (sigma, method, radius).
     """
-    grid = _check_radii(radii)
+    grid = check_radii(radii)
     values = ", ".join(f"({r!r}::DOUBLE)" for r in grid)
     # Not a cross join of every certificate with every radius: each correct certificate is
     # placed (ASOF join) at the largest grid radius it reaches, and a grid radius r then counts
@@ -418,12 +336,12 @@ def check_votes(con: duckdb.DuckDBPyConnection, source: str = "base") -> list[Pa
     if found:
         what, cond = _CONTRACT_CHECKS[found[0][0]]
         examples = con.sql(f"SELECT DISTINCT filename FROM {source} WHERE {cond} "
-                           f"ORDER BY filename LIMIT {_LIST_SHOWN}").fetchall()
+                           f"ORDER BY filename LIMIT {_SHOWN}").fetchall()
         summary = "; ".join(f"{n} {_CONTRACT_CHECKS[name][0]}" for name, n in found)
         raise AggregateError(
             f"the vote files break the data contract (docs/schema.md): {summary}. First files "
-            f"with {what}: {_names([e[0] for e in examples])}. Re-vote those shards "
-            "(delete the files and resume the run); the vote stage must write VOTES_SCHEMA.")
+            f"with {what}: {names([e[0] for e in examples])}. Re-vote those shards "
+            "(delete the files and resume the run); the vote stage must write tasks.layout.VOTES_SCHEMA.")
 
     # Directory names are for people and pruning; the columns decide. They must agree, or a
     # file was copied into the wrong partition.
@@ -431,17 +349,17 @@ def check_votes(con: duckdb.DuckDBPyConnection, source: str = "base") -> list[Pa
     for fname, sigmas, methods in con.sql(
             f"SELECT filename, list(DISTINCT sigma), list(DISTINCT method) FROM {source} "
             "GROUP BY filename ORDER BY filename").fetchall():
-        m = _VOTE_PATH.search(fname.replace("\\", "/"))
+        m = parse_vote_path(fname)
         try:
-            dir_sigma = float(m.group(1)) if m else math.nan
+            dir_sigma = float(m[0]) if m else math.nan
         except ValueError:
             dir_sigma = math.nan
-        if not m or sigmas != [dir_sigma] or methods != [m.group(2)]:
+        if not m or sigmas != [dir_sigma] or methods != [m[1]]:
             misplaced.append(f"{fname} (holds sigma={sigmas} method={methods})")
     if misplaced:
         raise AggregateError(
             f"{len(misplaced)} vote file(s) hold rows of another partition than their "
-            f"directory says: {_names(misplaced)}. Move each file to "
+            f"directory says: {names(misplaced)}. Move each file to "
             "votes/sigma=<repr(float(sigma))>/method=<method>/ or re-vote it.")
 
     dup_count, = con.sql(f"""
@@ -452,12 +370,12 @@ def check_votes(con: duckdb.DuckDBPyConnection, source: str = "base") -> list[Pa
             SELECT sigma, method, image_id, count(*) AS copies,
                    list(DISTINCT filename ORDER BY filename)
             FROM {source} GROUP BY sigma, method, image_id HAVING count(*) > 1
-            ORDER BY sigma, method, image_id LIMIT {_LIST_SHOWN}""").fetchall()
+            ORDER BY sigma, method, image_id LIMIT {_SHOWN}""").fetchall()
         shown = [f"sigma={s!r} method={m} image_id={i!r} x{c} in {files}"
                  for s, m, i, c, files in dups]
         raise AggregateError(
             f"{dup_count} image(s) have more than one vote row in the same (sigma, method); an "
-            f"image must never be counted twice: {_names(shown, total=dup_count)}. Remove the "
+            f"image must never be counted twice: {names(shown, total=dup_count)}. Remove the "
             "duplicated shard files (keep one row per image) and aggregate again.")
 
     parts = con.sql(f"""
@@ -545,7 +463,7 @@ def build_tables(con: duckdb.DuckDBPyConnection, files: Sequence[str], *, alpha:
 
     Args:
         con: a DuckDB connection with file access.
-        files: vote files (:func:`vote_files`), at least one.
+        files: vote files (:func:`tasks.layout.vote_files`), at least one.
         alpha: one-sided error level of CERTIFY, in (0, 1).
         radii: accuracy radius grid (default :data:`DEFAULT_RADII`).
         expected: ``{(sigma, method): images}`` the plan promised (None: not checked).
@@ -560,8 +478,8 @@ def build_tables(con: duckdb.DuckDBPyConnection, files: Sequence[str], *, alpha:
             ``expected`` without ``allow_partial``.
     """
     timings = {} if timings is None else timings
-    a = _check_alpha(alpha)
-    grid = _check_radii(radii)
+    a = check_alpha(alpha)
+    grid = check_radii(radii)
     if not files:
         raise AggregateError("no vote files to aggregate: run the vote stage first")
     register_udfs(con)
@@ -605,7 +523,8 @@ def aggregate(out: str, *, alpha: float, radii: list[float] | None = None,
     Args:
         out: the OUT root, a local path or ``s3://bucket/prefix``.
         alpha: one-sided error level of CERTIFY, in (0, 1); e.g. 0.001.
-        radii: the accuracy table's radius grid (default :data:`DEFAULT_RADII`, 0..4 step 0.25).
+        radii: the accuracy table's radius grid (default :data:`DEFAULT_RADII` of
+            ``densepure_core.config``, the config's ``radii`` default).
         expected: ``{(sigma, method): images}`` the plan promised; fewer images are refused
             unless ``allow_partial``; more are always refused. Partitions not named are not
             checked. None: no check.
@@ -625,11 +544,14 @@ def aggregate(out: str, *, alpha: float, radii: list[float] | None = None,
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    a = _check_alpha(alpha)
-    grid = _check_radii(radii)
-    files = vote_files(out)
+    a = check_alpha(alpha)
+    grid = check_radii(radii)
+    try:
+        files = vote_files(out)
+    except LayoutError as exc:
+        raise AggregateError(str(exc)) from None
     if not files:
-        raise AggregateError(f"no vote files under {storage.join(out, 'votes')}: run the vote "
+        raise AggregateError(f"no vote files under {votes_dir(out)}: run the vote "
                              "stage first (or check the OUT path)")
     con = duckdb.connect(":memory:")
     try:
@@ -676,7 +598,8 @@ def _summary_json(result: AggregateResult) -> str:
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
-def _check_alpha(alpha: float) -> float:
+def check_alpha(alpha: float) -> float:
+    """``alpha`` as a float in (0, 1), or a ValueError saying what is expected."""
     try:
         a = float(alpha)
     except (TypeError, ValueError):
@@ -686,9 +609,11 @@ def _check_alpha(alpha: float) -> float:
     return a
 
 
-def _check_radii(radii: Iterable[float] | None) -> tuple[float, ...]:
+def check_radii(radii: Iterable[float] | None) -> tuple[float, ...]:
+    """The radius grid, sorted and deduplicated; None: the config's default grid
+    (``densepure_core.config.DEFAULT_RADII``, the one grid of the project)."""
     if radii is None:
-        return DEFAULT_RADII
+        return tuple(DEFAULT_RADII)
     grid = sorted({float(r) for r in radii})
     if not grid or not all(math.isfinite(r) and r >= 0.0 for r in grid):
         raise ValueError(f"radii must be a non-empty list of finite numbers >= 0, e.g. "
@@ -698,9 +623,3 @@ def _check_radii(radii: Iterable[float] | None) -> tuple[float, ...]:
 
 def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
-
-
-def _names(items: Sequence[str], total: int | None = None) -> str:
-    total = len(items) if total is None else total
-    shown = ", ".join(str(i) for i in items[:_LIST_SHOWN])
-    return shown + (f" ... and {total - _LIST_SHOWN} more" if total > _LIST_SHOWN else "")

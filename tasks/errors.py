@@ -1,40 +1,46 @@
 """The ``errors`` table: images quarantined under ``on_bad_input: quarantine``.
 
-``OUT/errors/sigma=<s>/method=<m>/shard=<id>.parquet``, one row per image that could not be
-certified (corrupt or unreadable file, wrong size, NaN/Inf model output), written atomically
-before the shard's vote file. Quarantined images are not certified: the aggregate expects
-planned minus quarantined images, the report lists them, ``densepure sql`` has a view ``errors``.
+``OUT/errors/sigma=<s>/method=<m>/shard=<id>.parquet`` (:func:`tasks.layout.errors_uri`,
+:data:`tasks.layout.ERRORS_SCHEMA`), one row per image of the shard that could not be certified
+(corrupt or unreadable file, wrong size, NaN/Inf model output), published by
+:func:`publish_shard_errors` before the shard's vote file. Quarantined images are not
+certified: the aggregate expects planned minus quarantined images, the report lists them,
+``densepure sql`` has a view ``errors``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
+from .layout import ERRORS_SCHEMA, error_files
 
-__all__ = ["ERRORS_SCHEMA", "errors_uri", "error_files", "read_errors", "quarantined_counts"]
-
-ERRORS_SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("config_hash", pa.string()), ("image_id", pa.string()), ("uri", pa.string()),
-    ("label", pa.int32()), ("sigma", pa.float64()), ("method", pa.string()), ("shard", pa.int32()),
-    ("error_type", pa.string()), ("error", pa.string()), ("worker", pa.string()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
-])
+__all__ = ["publish_shard_errors", "read_errors", "quarantined_counts"]
 
 
-def errors_uri(votes_uri: str, out: str) -> str:
-    """The errors file that belongs to the vote shard ``votes_uri`` of ``out``."""
-    return votes_uri.replace(storage.join(out, "votes"), storage.join(out, "errors"), 1)
+def publish_shard_errors(uri: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Make ``uri`` hold exactly this computation's quarantined images of one shard.
 
-
-def error_files(out: str) -> list[str]:
-    return storage.list_files(storage.join(out, "errors"), ".parquet")
+    With rows, the file is (re)written atomically; without, a file an earlier computation of
+    the shard left is deleted (a single atomic delete), so an image that was fixed is no longer
+    reported or subtracted from the expected images. Call it *before* publishing the shard's
+    vote file: a process killed in between leaves a shard without votes, which the rerun
+    recomputes, never a complete shard with a stale errors file.
+    """
+    if rows:
+        storage.write_parquet_atomic(uri, pa.Table.from_pylist(list(rows), schema=ERRORS_SCHEMA))
+    else:
+        storage.remove(uri)
 
 
 def read_errors(out: str) -> pa.Table:
     """Every quarantined image of OUT (an empty table if none)."""
-    tables = [pq.read_table(pa.BufferReader(storage.read_bytes(u)), schema=ERRORS_SCHEMA) for u in error_files(out)]
+    tables = [pq.read_table(pa.BufferReader(storage.read_bytes(u)), schema=ERRORS_SCHEMA)
+              for u in error_files(out)]
     return pa.concat_tables(tables) if tables else ERRORS_SCHEMA.empty_table()
 
 

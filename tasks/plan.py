@@ -4,8 +4,14 @@ Writes to OUT (atomically, local or S3):
 
 - ``config.yaml``: the resolved config (credentials never appear in it: sources are URIs);
 - ``manifest.parquet``: one row per chosen image: position, image_id, uri, label, shard;
-- ``run.json``: run_id, config_hash, number of classes, the (sigma, method) partitions, the
-  shard list, library versions, host and creation time.
+- ``run.json``: run_id, config_hash, number of classes (``classifier.num_classes``; null when
+  not set: the vote workers take it from the classifier's output width), the (sigma, method)
+  partitions, the shard list, library versions, host and creation time.
+
+The classifier's output width decides the length of the count vectors, never the labels: a
+dataset may hold any subset of the classes, or only unknown labels (-1). With
+``classifier.num_classes`` set, every label is checked against it here; without, the vote
+workers check each shard's labels against the width of the classifier they load.
 
 Resume: when OUT already holds a run, its ``config.yaml`` must have the same vote-determining
 fields (``CertifyConfig.vote_fields``): then the stored plan is reused as it is (same run_id,
@@ -29,24 +35,17 @@ import yaml
 
 from densepure_core.config import CertifyConfig, resolve_source
 from densepure_core.data.sources import ImageRecord, enumerate_records, select_records
+from densepure_core.rng import STREAM_VERSION
 
 from . import storage
 from .faults import fault_point
+from .layout import config_uri, errors_uri, format_sigma, manifest_uri, run_uri, shard_uri
 
-__all__ = ["Plan", "ShardTask", "PlanError", "plan_run", "load_plan", "plan_summary", "shard_uri", "format_sigma"]
+__all__ = ["Plan", "ShardTask", "PlanError", "plan_run", "load_plan", "plan_summary", "check_labels"]
 
 
 class PlanError(ValueError):
     """OUT holds a different run, or the plan cannot be made; the message says what to do."""
-
-
-def format_sigma(sigma: float) -> str:
-    return repr(float(sigma))
-
-
-def shard_uri(out: str, sigma: float, method: str, shard: int) -> str:
-    """``OUT/votes/sigma=<s>/method=<m>/shard=<id>.parquet`` (the data contract, docs/schema.md)."""
-    return storage.join(out, "votes", f"sigma={format_sigma(sigma)}", f"method={method}", f"shard={shard:05d}.parquet")
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,13 @@ class ShardTask:
 
     @property
     def uri(self) -> str:
+        """The shard's vote file."""
         return shard_uri(self.out, self.sigma, self.method, self.shard)
+
+    @property
+    def errors_uri(self) -> str:
+        """The shard's errors file (quarantined images)."""
+        return errors_uri(self.out, self.sigma, self.method, self.shard)
 
 
 @dataclass
@@ -71,7 +76,7 @@ class Plan:
     out: str
     run_id: str
     config_hash: str
-    num_classes: int
+    num_classes: int | None  # classifier.num_classes; None: the classifier's output width
     records: list[ImageRecord]
     shards: list[list[int]]  # positions into records
     partitions: list[tuple[float, str]]  # (sigma, method label)
@@ -133,7 +138,7 @@ def check_steps(cfg: CertifyConfig) -> dict[str, int]:
     t_stars = {}
     for sigma in cfg.sigmas:
         try:
-            t_stars[repr(float(sigma))] = t = schedule.t_star(sigma, cfg.t_star_rule)
+            t_stars[format_sigma(sigma)] = t = schedule.t_star(sigma, cfg.t_star_rule)
         except ValueError as exc:
             raise PlanError(f"sigmas: {exc}") from exc
         for i, m in enumerate(cfg.methods):
@@ -148,7 +153,7 @@ def model_hashes(cfg: CertifyConfig) -> dict[str, dict[str, str]]:
     from densepure_core.models import file_sha256
 
     sources = {m_cfg.source for m_cfg in [cfg.classifier, *(m.classifier for m in cfg.methods if m.classifier)]}
-    sources = {s.replace("{sigma}", repr(float(sig))) if "{sigma}" in s else s for s in sources for sig in cfg.sigmas}
+    sources = {s.replace("{sigma}", format_sigma(sig)) if "{sigma}" in s else s for s in sources for sig in cfg.sigmas}
     if cfg.diffusion is not None:
         sources.add(cfg.diffusion.source)
     out = {}
@@ -169,11 +174,11 @@ def model_hashes(cfg: CertifyConfig) -> dict[str, dict[str, str]]:
 
 def load_plan(out: str) -> Plan | None:
     """The plan stored in OUT, or None if OUT holds no complete plan."""
-    run_uri, manifest_uri = storage.join(out, "run.json"), storage.join(out, "manifest.parquet")
-    if not (storage.exists(run_uri) and storage.exists(manifest_uri)):
+    run_file, manifest_file = run_uri(out), manifest_uri(out)
+    if not (storage.exists(run_file) and storage.exists(manifest_file)):
         return None
-    run = json.loads(storage.read_text(run_uri))
-    table = pq.read_table(pa.BufferReader(storage.read_bytes(manifest_uri)))
+    run = json.loads(storage.read_text(run_file))
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(manifest_file)))
     cols = table.to_pydict()
     records = [ImageRecord(i, u, int(lab)) for i, u, lab in zip(cols["image_id"], cols["uri"], cols["label"])]
     return Plan(out=out, run_id=run["run_id"], config_hash=run["config_hash"], num_classes=run["num_classes"],
@@ -182,8 +187,32 @@ def load_plan(out: str) -> Plan | None:
 
 
 def _check_same_run(cfg: CertifyConfig, out: str) -> None:
+    """Refuse to resume OUT unless it holds the votes ``cfg`` would compute.
+
+    Besides the config's votes fields, the noise streams must be the same version: an OUT
+    planned by a release before the stream version existed (run.json's config_hash is the
+    stored config's version-1 hash) drew its noise from 32-bit seeded generators, so its counts
+    cannot be completed with new ones. Its results stay readable; the run is not resumed.
+    """
     stored_yaml = storage.read_text(storage.join(out, "config.yaml"))
     stored = CertifyConfig.model_validate(yaml.safe_load(stored_yaml))
+    if storage.exists(run_uri(out)):  # absent: the plan was cut short before anything was voted
+        run = json.loads(storage.read_text(run_uri(out)))
+        recorded, version = run.get("config_hash"), run.get("stream_version")
+        if version is None and recorded is not None and recorded != stored.config_hash():
+            version = next((v for v in range(1, STREAM_VERSION)
+                            if stored.config_hash(stream_version=v) == recorded), None)
+            version = STREAM_VERSION if version is None else version  # unknown: refused below
+        if version is not None and version != STREAM_VERSION:
+            raise PlanError(f"{out} was voted with noise stream version {version} and this densepure draws "
+                            f"version {STREAM_VERSION} (field that differs: stream_version; version 1 seeded "
+                            f"torch generators with only 32 of the seed's 63 bits). Its counts cannot be "
+                            f"resumed or mixed with new ones: use a new --out (the old results stay readable "
+                            f"with densepure sql/report).")
+        if recorded is not None and recorded != stored.config_hash():
+            raise PlanError(f"{out}: run.json's config_hash {recorded} is not the hash of its config.yaml "
+                            f"({stored.config_hash()}): written by another densepure version or edited. "
+                            f"Results are never mixed: choose a new --out.")
     if stored.config_hash() == cfg.config_hash():
         return
     a, b = stored.vote_fields(), cfg.vote_fields()
@@ -194,28 +223,49 @@ def _check_same_run(cfg: CertifyConfig, out: str) -> None:
                     f"stored config ({storage.join(out, 'config.yaml')}) to resume it.")
 
 
+def check_labels(records, num_classes: int, what: str, error=ValueError) -> None:
+    """Refuse labels that are neither -1 (unknown) nor a class index below ``num_classes``.
+
+    Args:
+        records: ImageRecords (image_id, uri, label).
+        num_classes: the classifier's output width.
+        what: where the width comes from, for the message (e.g. ``classifier.num_classes``).
+        error: the exception type to raise.
+    """
+    bad = [r for r in records if not -1 <= r.label < num_classes]
+    if bad:
+        first = bad[0]
+        raise error(
+            f"image {first.image_id!r} ({first.uri}) has label {first.label}, but the classifier has "
+            f"{num_classes} outputs ({what}): a label must be -1 (unknown) or a class index 0..{num_classes - 1}"
+            f" ({len(bad)} image(s) out of range). Fix the labels of the dataset (-1 where unknown), or use "
+            f"the classifier trained for these labels and set classifier.num_classes to its width.")
+
+
 def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
     """Make (or reload) the plan of ``cfg`` in ``out`` (default ``cfg.out``)."""
     out = out or cfg.out
-    if storage.exists(storage.join(out, "config.yaml")):
+    if storage.exists(config_uri(out)):
         _check_same_run(cfg, out)
         existing = load_plan(out)
         if existing is not None:
             return existing
         # config.yaml written but the plan was interrupted before run.json: plan again below.
     t_stars = check_steps(cfg)
-    records, num_classes = enumerate_records(cfg.dataset)
+    # The dataset's own class count (max label + 1 for a manifest) decides nothing: a subset
+    # may lack classes and a manifest may have no labels at all. The classifier's width does.
+    records, _ = enumerate_records(cfg.dataset)
     chosen = select_records(records, cfg.dataset)
-    if cfg.classifier.num_classes and cfg.classifier.num_classes != num_classes:
-        raise PlanError(f"classifier.num_classes is {cfg.classifier.num_classes} but the dataset has "
-                        f"{num_classes} classes; fix classifier.num_classes or the dataset")
+    num_classes = cfg.classifier.num_classes
+    if num_classes:
+        check_labels(chosen, num_classes, f"classifier.num_classes: {num_classes}", PlanError)
     shards = [list(range(i, min(i + cfg.shard_size, len(chosen)))) for i in range(0, len(chosen), cfg.shard_size)]
     partitions = [(float(s), m.label) for s in cfg.sigmas for m in cfg.methods]
     run_id = f"{cfg.run_name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     plan = Plan(out, run_id, cfg.config_hash(), num_classes, chosen, shards, partitions)
 
     # config.yaml first: a process killed after it and before run.json re-plans identically.
-    storage.write_text_atomic(storage.join(out, "config.yaml"), cfg.model_copy(update={"out": out}).to_yaml())
+    storage.write_text_atomic(config_uri(out), cfg.model_copy(update={"out": out}).to_yaml())
     fault_point("plan:after-config")
     manifest = pa.table({
         "position": pa.array(range(len(chosen)), pa.int32()),
@@ -224,16 +274,16 @@ def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
         "label": pa.array([r.label for r in chosen], pa.int32()),
         "shard": pa.array([p // cfg.shard_size for p in range(len(chosen))], pa.int32()),
     })
-    storage.write_parquet_atomic(storage.join(out, "manifest.parquet"), manifest)
+    storage.write_parquet_atomic(manifest_uri(out), manifest)
     run = {
-        "run_id": run_id, "config_hash": plan.config_hash, "num_classes": num_classes,
-        "images": len(chosen), "shards": shards, "partitions": [list(p) for p in partitions],
+        "run_id": run_id, "config_hash": plan.config_hash, "stream_version": STREAM_VERSION,
+        "num_classes": num_classes, "images": len(chosen), "shards": shards, "partitions": [list(p) for p in partitions],
         "t_star": t_stars, "model_hashes": model_hashes(cfg),
         "host": socket.gethostname(), "created_at": datetime.now(timezone.utc).isoformat(),
         "versions": _versions(),
     }
     # run.json last: its presence marks a complete plan.
-    storage.write_text_atomic(storage.join(out, "run.json"), json.dumps(run, indent=2))
+    storage.write_text_atomic(run_uri(out), json.dumps(run, indent=2))
     return plan
 
 

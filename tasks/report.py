@@ -2,7 +2,7 @@
 
 Everything here reads the published tables (``OUT/tables/*.parquet``, written by
 tasks/aggregate.py) and the vote files through the read-only connection of
-:func:`tasks.sqlfuncs.connect`; nothing is recomputed from images.
+:func:`tasks.query.connect`; nothing is recomputed from images.
 
 - :func:`write_report`: ``OUT/report.md`` (certified accuracy per sigma and method at Cohen's
   radii, image counts, abstention rate, mean UNet/classifier calls and seconds per image, a
@@ -30,12 +30,14 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .aggregate import accuracy_sql, tables_uri
+from .aggregate import accuracy_sql
 from .errors import read_errors
-from .sqlfuncs import connect, text_table
+from .layout import plot_uri, report_uri, tables_uri, tsv_dir, tsv_name, votes_dir
+from .query import connect
+from .textfmt import text_table
 
 __all__ = ["REPORT_RADII", "TSV_HEADER", "ReportError", "write_report", "format_accuracy_table",
-           "export_tsv", "tsv_name"]
+           "export_tsv"]
 
 # The radii of Cohen et al.'s ImageNet table (0 to 3 in steps of 0.5); 3.0 is about the cap of
 # sigma = 1.0 at n = 10^4 (3.2 sigma), so wider radii would print zeros for every setting.
@@ -125,7 +127,9 @@ def _require_tables(out: str) -> None:
     for name in ("certificates.parquet", "accuracy.parquet"):
         if not storage.exists(tables_uri(out, name)):
             raise ReportError(f"{tables_uri(out, name)} does not exist: run the aggregate stage "
-                              "(tasks.aggregate.aggregate / `densepure aggregate`) first")
+                              "first: rerun `densepure certify` with the run's config and --out "
+                              "(it votes only what is missing, then publishes the tables and the "
+                              "report); `densepure report OUT` rebuilds the report after that")
 
 
 def _read_summary(out: str) -> dict[str, Any] | None:
@@ -261,9 +265,8 @@ def write_report(out: str, *, title: str | None = None) -> str:
               "(certified_accuracy.png)", ""]
     markdown = "\n".join(lines)
 
-    storage.write_bytes_atomic(storage.join(out, "certified_accuracy.png"),
-                               _plot(curves, title or "Certified accuracy"))
-    storage.write_bytes_atomic(storage.join(out, "report.md"), markdown.encode("utf-8"))
+    storage.write_bytes_atomic(plot_uri(out), _plot(curves, title or "Certified accuracy"))
+    storage.write_bytes_atomic(report_uri(out), markdown.encode("utf-8"))
     return markdown
 
 
@@ -328,11 +331,6 @@ def _plot(curves, title: str) -> bytes:
 # TSV export
 # ------------------------------------------------------------------------------------------
 
-def tsv_name(sigma: float, method: str) -> str:
-    """The export file name of one partition: ``sigma=<repr(float)>_method=<method>.tsv``."""
-    return f"sigma={float(sigma)!r}_method={method}.tsv"
-
-
 def export_tsv(out: str, dest: str | None = None) -> list[str]:
     """Write Cohen-style result files, one per (sigma, method); return their URIs.
 
@@ -356,13 +354,13 @@ def export_tsv(out: str, dest: str | None = None) -> list[str]:
             would be unreadable).
     """
     _require_tables(out)
-    dest = dest or storage.join(out, "tsv")
+    dest = dest or tsv_dir(out)
     con = connect(out)
     try:
         has_votes = bool(con.sql(
             "SELECT count(*) FROM duckdb_views() WHERE view_name = 'votes'").fetchall()[0][0])
         if not has_votes:
-            raise ReportError(f"no vote files under {storage.join(out, 'votes')}: the TSV 'time' "
+            raise ReportError(f"no vote files under {votes_dir(out)}: the TSV 'time' "
                               "column comes from the votes")
         bad = con.sql(r"""
             SELECT image_id FROM certificates

@@ -40,6 +40,7 @@ __all__ = [
     "write_text_atomic",
     "write_parquet_atomic",
     "list_files",
+    "remove",
     "StorageError",
 ]
 
@@ -134,6 +135,23 @@ def write_parquet_atomic(uri: str, table: pa.Table) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     write_bytes_atomic(uri, buf.getvalue())
+
+
+def remove(uri: str) -> bool:
+    """Delete the file ``uri`` if it exists; True when something was deleted.
+
+    A delete is atomic on both backends: a reader sees the whole file or none.
+    """
+    fs, path = split_uri(uri)
+    try:
+        if not fs.exists(path):
+            return False
+        fs.rm_file(path)
+    except FileNotFoundError:  # removed in between
+        return False
+    except Exception as exc:
+        raise _wrap(uri, "delete", exc) from exc
+    return True
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:

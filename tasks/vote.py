@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
@@ -28,13 +29,13 @@ import torch
 
 from densepure_core.config import CertifyConfig, MethodConfig, resolve_source
 from densepure_core.data.sources import DatasetError, load_image
-from densepure_core.smoothing import SmoothedBaseClassifier, prefetch
+from densepure_core.smoothing import EngineOptions, SmoothedBaseClassifier, prefetch
 
 from . import storage
-from .aggregate import VOTES_SCHEMA
-from .errors import ERRORS_SCHEMA, errors_uri
-from .faults import fault_point
-from .plan import Plan, ShardTask
+from .errors import publish_shard_errors
+from .faults import fault_point, record_driver_process_group
+from .layout import VOTES_SCHEMA, error_files
+from .plan import Plan, ShardTask, check_labels
 
 __all__ = ["VoteWorker", "ShardResult", "BadInputError", "shard_is_complete", "remove_stale_temporaries",
            "run_vote_stage", "resolve_device", "PURIFIER_KIND"]
@@ -84,25 +85,39 @@ class ShardResult:
     quarantined: int = 0  # images recorded in the errors table (on_bad_input=quarantine)
 
 
+def _shard_state(task: ShardTask) -> tuple[bool, str, int]:
+    """(complete, reason, quarantined images) of ``task`` (see :func:`shard_is_complete`)."""
+    if not storage.exists(task.uri):
+        return False, "", 0
+    ids, why = _read_ids(task.uri, task.config_hash)
+    if ids is None:
+        return False, why, 0
+    quarantined: list[str] = []
+    if len(ids) < len(task.records):  # the rest may have been quarantined
+        quarantined, why = _read_ids(task.errors_uri, task.config_hash)
+        quarantined = quarantined or []
+    got = ids + quarantined
+    if sorted(got) != sorted(r.image_id for r in task.records) or len(got) != len(task.records):
+        return False, f"holds {len(ids)} rows (+{len(quarantined)} quarantined), expected {len(task.records)} images", 0
+    return True, "", len(quarantined)
+
+
 def shard_is_complete(task: ShardTask) -> tuple[bool, str]:
     """Whether ``task.uri`` holds exactly this shard's votes for this config.
 
     Returns (complete, reason). A missing file is (False, ""); a truncated/unreadable file, a
     file of another config or with other images is (False, reason): it will be recomputed.
     """
-    if not storage.exists(task.uri):
-        return False, ""
-    ids, why = _read_ids(task.uri, task.config_hash)
-    if ids is None:
-        return False, why
-    quarantined: list[str] = []
-    if len(ids) < len(task.records):  # the rest may have been quarantined
-        quarantined, why = _read_ids(errors_uri(task.uri, task.out), task.config_hash)
-        quarantined = quarantined or []
-    got = ids + quarantined
-    if sorted(got) != sorted(r.image_id for r in task.records) or len(got) != len(task.records):
-        return False, f"holds {len(ids)} rows (+{len(quarantined)} quarantined), expected {len(task.records)} images"
-    return True, ""
+    complete, reason, _ = _shard_state(task)
+    return complete, reason
+
+
+def _drop_stale_errors(task: ShardTask) -> None:
+    """A complete shard whose votes hold every image has no quarantined image: delete an errors
+    file an earlier computation left (OUTs written before recomputations replaced it)."""
+    if storage.remove(task.errors_uri):
+        log.warning("shard %s: removed the errors file of an earlier computation (%s); its images "
+                    "are all voted now", task.uri, task.errors_uri)
 
 
 class VoteWorker:
@@ -110,15 +125,16 @@ class VoteWorker:
 
     Args:
         config: the run's CertifyConfig (or its dict form, as Ray ships it).
-        num_classes: length of the count vectors.
+        num_classes: length of the count vectors (the plan's ``classifier.num_classes``); None:
+            the output width of the first classifier loaded (every later one must match).
         worker_name: recorded in every row (``worker`` column).
         threads: torch intra-op threads (default: all cores / workers).
     """
 
-    def __init__(self, config: CertifyConfig | dict, num_classes: int, worker_name: str | None = None,
-                 threads: int | None = None):
+    def __init__(self, config: CertifyConfig | dict, num_classes: int | None = None,
+                 worker_name: str | None = None, threads: int | None = None):
         self.cfg = config if isinstance(config, CertifyConfig) else CertifyConfig.model_validate(config)
-        self.num_classes = int(num_classes)
+        self.num_classes = int(num_classes) if num_classes else None
         self.worker = worker_name or f"{socket.gethostname()}:{os.getpid()}"
         if threads:
             torch.set_num_threads(threads)
@@ -146,11 +162,32 @@ class VoteWorker:
         ccfg = self.cfg.classifier_for(method, sigma)
         source = resolve_source(ccfg.source)
         if source not in self._classifiers:
-            self._classifiers[source] = load_classifier(
+            clf = load_classifier(
                 source, num_classes=ccfg.num_classes or self.num_classes, model_name=ccfg.model_name,
                 input_size=ccfg.input_size, interpolation=ccfg.interpolation, mean=ccfg.mean, std=ccfg.std,
                 device=self.device, allow_pickle=self.cfg.allow_pickle)
+            width = int(clf.num_classes)
+            if self.num_classes is None:
+                self.num_classes = width  # the classifier's output width is the class count
+            elif width != self.num_classes:
+                raise BadInputError(
+                    f"the classifier of method {method.label!r} at sigma={sigma} ({ccfg.source}) has {width} "
+                    f"outputs, but the run's count vectors have {self.num_classes} classes; every classifier "
+                    f"of a run must have the same number of classes (check classifier.num_classes)")
+            self._classifiers[source] = clf
         return self._classifiers[source]
+
+    def check_labels(self, task: ShardTask, method: MethodConfig) -> int:
+        """The classifier's width for ``task``, after checking the shard's labels against it.
+
+        Raises:
+            BadInputError: a label is neither -1 nor below the width (names the image and the fix);
+                never quarantined: the dataset and the classifier disagree for the whole run.
+        """
+        width = int(self.classifier(method, task.sigma).num_classes)
+        check_labels(task.records, width, f"the output width of {self.cfg.classifier_for(method, task.sigma).source}",
+                     BadInputError)
+        return width
 
     def smoothed(self, method: MethodConfig, sigma: float) -> SmoothedBaseClassifier:
         """The smoothed base classifier of one (sigma, method) partition, built once per worker."""
@@ -166,12 +203,11 @@ class VoteWorker:
             diffusion, schedule = self._load_diffusion()
             purifier = make_purifier(kind, unet_denoiser(diffusion.unet), schedule, sigma, steps=method.steps,
                                      t_star_rule=self.cfg.t_star_rule)
+        options = EngineOptions.from_settings(self.cfg, device=self.device,
+                                              model_name=f"{method.label} at sigma={sigma}")
         sbc = self._smoothed[key] = SmoothedBaseClassifier(
             self.classifier(method, sigma), purifier, sigma, votes=method.k, num_classes=self.num_classes,
-            batch_size=self.cfg.batch_size, early_exit=self.cfg.early_exit, run_seed=self.cfg.seed,
-            pad_batches=self.cfg.pad_batches, precision=self.cfg.precision, device=self.device,
-            channels_last=self.cfg.channels_last, compile=self.cfg.compile, cuda_graphs=self.cfg.cuda_graphs,
-            noise_device=self.cfg.noise_device, model_name=f"{method.label} at sigma={sigma}")
+            run_seed=self.cfg.seed, options=options)
         return sbc
 
     def method(self, label: str) -> MethodConfig:
@@ -184,12 +220,15 @@ class VoteWorker:
     def run_shard(self, task: ShardTask) -> ShardResult:
         """Certify one shard and publish its vote file; skip it if a valid file exists."""
         start = time.perf_counter()
-        complete, reason = shard_is_complete(task)
+        complete, reason, quarantined = _shard_state(task)
         if complete:
+            if not quarantined:
+                _drop_stale_errors(task)
             return ShardResult(task.sigma, task.method, task.shard, len(task.records), True, 0.0, worker=self.worker)
         if reason:
             log.warning("shard %s: existing file %s; recomputing", task.uri, reason)
         method = self.method(task.method)
+        self.check_labels(task, method)  # also fixes the class count before the engine is built
         sbc = self.smoothed(method, task.sigma)
         t_star = getattr(sbc.purifier, "t_star", None)
         rows, errors = [], []
@@ -234,9 +273,10 @@ class VoteWorker:
             unet += res.stats.unet_calls
             clf += res.stats.classifier_calls
             fault_point("vote:mid-shard")  # certified in memory, not yet written
-        # The errors file first: the votes file marks the shard complete (shard_is_complete).
-        if errors:
-            storage.write_parquet_atomic(errors_uri(task.uri, task.out), pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
+        # The errors file first: the votes file marks the shard complete (shard_is_complete). A
+        # recomputation replaces (or, with no bad image now, deletes) an earlier computation's
+        # errors file, so a fixed image is neither reported nor subtracted from the expected count.
+        publish_shard_errors(task.errors_uri, errors)
         storage.write_parquet_atomic(task.uri, pa.Table.from_pylist(rows, schema=VOTES_SCHEMA))
         return ShardResult(task.sigma, task.method, task.shard, len(rows), False, time.perf_counter() - start,
                            unet, clf, self.worker, reason, quarantined=len(errors))
@@ -264,7 +304,22 @@ def _start_local_ray(num_cpus: int | None = None) -> None:
     import ray
     from ray._private import ray_constants
 
+    # The driver's copy: Ray may have been imported before the line above (by another module, a
+    # test, a notebook), and then ray.init would read the stale value and bind Ray to the
+    # machine's address. This writes a private Ray constant, so it is done only on the Ray
+    # minor version it was verified on (requirements/lock.txt); on another one the name or its
+    # meaning may have changed and the write would silently do nothing.
+    verified = (2, 60)
+    installed = tuple(int(part) for part in re.findall(r"\d+", ray.__version__)[:2])
+    if installed != verified or not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        raise RuntimeError(
+            f"starting a local Ray on loopback is verified on Ray {verified[0]}.{verified[1]}.x only "
+            f"(it sets the private ray._private.ray_constants.ENABLE_RAY_CLUSTER); Ray {ray.__version__} is "
+            f"installed. Install the tested version (make setup; requirements/lock.txt), or start Ray "
+            f"yourself on loopback (ray start --head --node-ip-address=127.0.0.1 --include-dashboard=false) "
+            f"and pass --ray-address 127.0.0.1:6379")
     ray_constants.ENABLE_RAY_CLUSTER = False
+    record_driver_process_group()  # before Ray starts the processes that inherit the environment
     temp_dir = os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="densepure-ray-")
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
              _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
@@ -308,8 +363,11 @@ def run_vote_stage(cfg: CertifyConfig, plan: Plan, *, ray_address: str | None = 
     tasks = plan.tasks()
     results: list[ShardResult] = []
     todo = []
+    any_errors = bool(error_files(plan.out))  # one listing; no per-shard check without errors
     for t in tasks:  # complete shards are skipped without starting any worker
-        complete, _ = shard_is_complete(t)
+        complete, _, quarantined = _shard_state(t)
+        if complete and any_errors and not quarantined:
+            _drop_stale_errors(t)
         if complete:
             res = ShardResult(t.sigma, t.method, t.shard, len(t.records), True, 0.0)
             results.append(res)

@@ -18,15 +18,9 @@ from densepure_core.stats import (
     certify_from_counts,
     clopper_pearson_lower,
 )
-from tasks.aggregate import (
-    ACCURACY_SCHEMA,
-    CERTIFICATES_SCHEMA,
-    DEFAULT_RADII,
-    VOTES_SCHEMA,
-    AggregateError,
-    aggregate,
-    vote_files,
-)
+from densepure_core.config import DEFAULT_RADII
+from tasks.aggregate import AggregateError, aggregate
+from tasks.layout import ACCURACY_SCHEMA, CERTIFICATES_SCHEMA, VOTES_SCHEMA, vote_files
 
 def read(uri) -> pa.Table:
     return pq.read_table(uri)
@@ -152,8 +146,18 @@ def test_accuracy_table_is_pinned(tmp_path):
     assert summary["partitions"][0]["images"] == 6 and summary["missing"] == 0
 
 
-def test_default_radii_grid():
-    assert DEFAULT_RADII[0] == 0.0 and DEFAULT_RADII[-1] == 4.0 and len(DEFAULT_RADII) == 17
+def test_default_radii_grid_is_the_configs(tmp_path):
+    """One radius grid in the project: the aggregate's default is densepure_core.config's."""
+    import tasks.aggregate as agg
+
+    assert agg.check_radii(None) == tuple(DEFAULT_RADII)
+    assert not any(isinstance(v, (list, tuple)) and name.endswith("RADII") and v is not DEFAULT_RADII
+                   for name, v in vars(agg).items())  # no second grid defined here
+    write_votes(str(tmp_path), make_votes(5, 3))
+    result = aggregate(str(tmp_path), alpha=0.001)
+    assert result.radii == tuple(DEFAULT_RADII)
+    assert sorted(set(read(result.accuracy_uri)["radius"].to_pylist())) == list(DEFAULT_RADII)
+    assert json.loads(open(result.summary_uri).read())["radii"] == list(DEFAULT_RADII)
 
 
 def test_new_alpha_recertifies_from_the_same_votes(tmp_path):
@@ -267,7 +271,7 @@ def test_rerun_is_idempotent_and_leaves_no_temp_files(tmp_path):
 def test_aggregate_on_s3(s3_endpoint, monkeypatch):
     import s3fs
 
-    from tasks.sqlfuncs import run_query
+    from tasks.query import run_query
 
     # tasks/storage.py takes the endpoint from the AWS environment chain (older builds read
     # DENSEPURE_S3_ENDPOINT_URL; setting both keeps the test valid for either).

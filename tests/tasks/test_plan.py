@@ -9,7 +9,8 @@ import yaml
 from PIL import Image
 
 from densepure_core.config import load_config
-from tasks.plan import PlanError, load_plan, plan_run, shard_uri
+from tasks.layout import shard_uri
+from tasks.plan import PlanError, load_plan, plan_run
 
 
 def image_folder(root, classes=("a", "b"), per_class=5):
@@ -97,7 +98,16 @@ def test_steps_beyond_t_star_refused_and_hashes_recorded(tmp_path):
     assert list(run["model_hashes"][f"local-dir:{clf}"]) == ["model.safetensors"]
 
 
-def test_classifier_num_classes_must_match(tmp_path):
+def test_classifier_num_classes_decides_and_labels_are_checked(tmp_path):
+    # Two class folders, classifier.num_classes 5: a subset of the classes, planned as it is.
     root = image_folder(tmp_path / "data")
-    with pytest.raises(PlanError, match="num_classes is 5 but the dataset has 2"):
-        plan_run(config(root, tmp_path / "out", **{"classifier.num_classes": 5}))
+    plan = plan_run(config(root, tmp_path / "out", **{"classifier.num_classes": 5}))
+    assert plan.num_classes == 5
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["num_classes"] == 5
+    # Without it, nothing is invented from the data: the workers use the classifier's width.
+    assert plan_run(config(root, tmp_path / "out2")).num_classes is None
+    # Three folders, a 2-class classifier: label 2 is refused, naming the image and the fix.
+    root3 = image_folder(tmp_path / "data3", classes=("a", "b", "c"))
+    with pytest.raises(PlanError, match=r"'c/0.png' .* has label 2, but the classifier has 2 outputs"):
+        plan_run(config(root3, tmp_path / "out3", **{"classifier.num_classes": 2}))
+    assert not (tmp_path / "out3").exists()

@@ -52,7 +52,7 @@ def test_report_says_how_many_images_are_missing(tmp_path):
 
 def test_report_needs_the_tables(tmp_path):
     write_votes(str(tmp_path), make_votes(3, 3))
-    with pytest.raises(ReportError, match="run the aggregate stage"):
+    with pytest.raises(ReportError, match="run the aggregate stage first: rerun `densepure certify`"):
         write_report(str(tmp_path))
 
 

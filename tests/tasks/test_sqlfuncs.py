@@ -1,4 +1,4 @@
-"""tasks/sqlfuncs.py: the statistics UDFs, the read-only results connection, query formatting."""
+"""tasks/sqlfuncs.py (statistics UDFs), tasks/query.py (read-only results connection), tasks/textfmt.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from votes_factory import hand_votes, make_votes, write_votes
 
 from densepure_core.stats import certified_radius, clopper_pearson_lower
 from tasks.aggregate import aggregate, certificates_sql
-from tasks.sqlfuncs import QueryError, connect, format_rows, register_udfs, run_query
+from tasks.query import QueryError, connect, run_query
+from tasks.sqlfuncs import register_udfs
+from tasks.textfmt import format_rows
 
 
 def tree(root) -> dict[str, str]:

@@ -8,7 +8,7 @@ import pytest
 from model_factory import tiny_job
 
 from densepure_core.config import load_config
-from tasks.aggregate import VOTES_SCHEMA
+from tasks.layout import VOTES_SCHEMA
 from tasks.plan import plan_run
 from tasks.vote import VoteWorker, run_vote_stage, shard_is_complete
 

@@ -1,4 +1,4 @@
-"""Synthetic vote files in the exact schema of the vote stage (``tasks.aggregate.VOTES_SCHEMA``).
+"""Synthetic vote files in the exact schema of the vote stage (``tasks.layout.VOTES_SCHEMA``).
 
 For tests and benchmarks that need votes without a GPU: :func:`make_votes` builds a table of
 plausible per-image counts (or takes the counts you give it), :func:`write_votes` writes it as
@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks import storage
-from tasks.aggregate import VOTES_SCHEMA
+from tasks.layout import VOTES_SCHEMA
 
 __all__ = ["CREATED_AT", "HAND_IDS", "HAND_LABELS", "HAND_COUNTS0", "HAND_COUNTS", "make_votes",
            "write_votes", "hand_votes", "vote_uri", "counts_matrix"]
