@@ -1,6 +1,6 @@
 """Pipeline overhead: the same certification work through the full flow and through a bare loop.
 
-    .venv/bin/python benchmarks/pipeline_overhead.py [--config configs/default.yaml] [--set k=v ...]
+    .venv/bin/python benchmarks/pipeline_overhead.py [--config FILE|PRESET] [--set k=v ...]
 
 (a) the full pipeline: Prefect flow (temporary local server), plan, Ray actor pool on loopback,
     atomic Parquet shards, DuckDB aggregate, report; timed end to end, start-up included;
@@ -54,11 +54,14 @@ def flow_counts(out: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    parser.add_argument("--config", default="default", help="YAML file or packaged preset (default: default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
 
     os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="densepure-bench-prefect-"))
+    from flows.environment import apply_environment_defaults
+
+    apply_environment_defaults()  # before flows.certify imports Prefect
     from densepure_core.config import load_config
     from flows.certify import run_certify
     from tasks.plan import plan_run

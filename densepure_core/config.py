@@ -5,7 +5,8 @@ methods (``rs``: plain randomized smoothing; ``dds``: one-shot denoising, Carlin
 ``densepure``: K reverse runs of S steps and a majority vote), the sigmas, Cohen's n0/n/alpha,
 and operational settings (batch size, shard size, device, precision, output location).
 
-Configs are YAML files (``configs/*.yaml``); ``--set key=value`` overrides any field by its
+Configs are YAML files; the presets ship in the package (``densepure_core/configs/*.yaml``,
+named ``default``, ``imagenet_dds``, ...: :func:`packaged_config`). ``--set key=value`` overrides any field by its
 dotted path (``--set n=500``, ``--set methods.1.k=5``, ``--set sigmas=[0.25,0.5]``), values
 parsed as YAML. Every invalid value is refused with a message that names the field.
 
@@ -16,16 +17,22 @@ Sources of models may use the prefix ``bundled:`` for the models this project sh
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 
 __all__ = [
     "ASSETS_DIR",
+    "PACKAGED_CONFIGS",
+    "packaged_config",
+    "resolve_config_path",
     "ConfigError",
     "DatasetConfig",
     "DiffusionConfig",
@@ -36,13 +43,87 @@ __all__ = [
     "apply_overrides",
     "resolve_source",
     "DEFAULT_RADII",
+    "votes",
+    "operational",
+    "determines_votes",
+    "unclassified_fields",
 ]
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+#: The YAML presets shipped as package data (default, imagenet_dds, imagenet_densepure, ...).
+PACKAGED_CONFIGS = importlib.resources.files("densepure_core") / "configs"
 # Cohen et al.'s grid, extended to 4.0 (the cap at n = 10^5 is 3.81 sigma).
 DEFAULT_RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0]
 
 MethodKind = Literal["rs", "dds", "densepure"]
+
+
+
+# -- which fields determine the votes: declared on each field ----------------------------------
+
+_VOTES_KEY = "votes"
+
+
+def _classified(determines_votes: bool, default: Any, kwargs: dict[str, Any]) -> Any:
+    extra = {_VOTES_KEY: determines_votes}
+    if "default_factory" in kwargs:
+        return Field(json_schema_extra=extra, **kwargs)
+    return Field(default, json_schema_extra=extra, **kwargs)
+
+
+def votes(default: Any = ..., **kwargs: Any) -> Any:
+    """``Field(...)`` of a setting that changes vote counts: part of :meth:`CertifyConfig.config_hash`."""
+    return _classified(True, default, kwargs)
+
+
+def operational(default: Any = ..., **kwargs: Any) -> Any:
+    """``Field(...)`` of a setting that changes no vote count (speed, placement, post-processing)."""
+    return _classified(False, default, kwargs)
+
+
+def determines_votes(model: type[BaseModel], name: str) -> bool | None:
+    """The declaration of field ``name``: True (votes), False (operational), None (undeclared)."""
+    extra = model.model_fields[name].json_schema_extra
+    value = extra.get(_VOTES_KEY) if isinstance(extra, dict) else None
+    return value if isinstance(value, bool) else None
+
+
+def _nested_models(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _nested_models(arg)]
+
+
+def unclassified_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted names of the fields of ``model`` (nested models included) declared neither
+    :func:`votes` nor :func:`operational`."""
+    missing = []
+    for name, info in model.model_fields.items():
+        if determines_votes(model, name) is None:
+            missing.append(prefix + name)
+        for sub in _nested_models(info.annotation):
+            missing += unclassified_fields(sub, f"{prefix}{name}.")
+    return missing
+
+
+def _vote_value(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return _vote_dump(value)
+    if isinstance(value, (list, tuple)):
+        return [_vote_value(v) for v in value]
+    return to_jsonable_python(value)
+
+
+def _vote_dump(model: BaseModel) -> dict[str, Any]:
+    """The ``votes`` fields of ``model`` as JSON values, recursively (nested: their votes fields)."""
+    return {name: _vote_value(getattr(model, name))
+            for name in type(model).model_fields if determines_votes(type(model), name)}
+
+
+def _stream_version() -> int:
+    from densepure_core.rng import STREAM_VERSION  # imported here: rng imports torch
+
+    return STREAM_VERSION
 
 
 class ConfigError(ValueError):
@@ -73,14 +154,15 @@ class DatasetConfig(_Strict):
     at ``start``, at most ``max_images`` (ImageNet val: every=500 gives 100 images).
     """
 
-    kind: Literal["digits", "imagefolder", "manifest"] = "digits"
-    path: str | None = Field(None, description="ImageFolder root or manifest file")
-    split: Literal["train", "test", "all"] = "test"
-    image_size: int | None = Field(None, gt=0, description="square size images are resized/cropped to")
-    every: int = Field(1, ge=1)
-    start: int = Field(0, ge=0)
-    max_images: int | None = Field(None, ge=1)
-    classes_file: str | None = Field(None, description="one class folder name per line, in label order")
+    # Every dataset field chooses or transforms the images, hence the votes.
+    kind: Literal["digits", "imagefolder", "manifest"] = votes("digits")
+    path: str | None = votes(None, description="ImageFolder root or manifest file")
+    split: Literal["train", "test", "all"] = votes("test")
+    image_size: int | None = votes(None, gt=0, description="square size images are resized/cropped to")
+    every: int = votes(1, ge=1)
+    start: int = votes(0, ge=0)
+    max_images: int | None = votes(None, ge=1)
+    classes_file: str | None = votes(None, description="one class folder name per line, in label order")
 
     _path_creds = field_validator("path", "classes_file")(_no_credentials)
 
@@ -94,7 +176,7 @@ class DatasetConfig(_Strict):
 class DiffusionConfig(_Strict):
     """A diffusers UNet2DModel + scheduler: local dir, s3:// URI, hub id or bundled:NAME."""
 
-    source: str
+    source: str = votes()
 
     _source_creds = field_validator("source")(_no_credentials)
 
@@ -106,13 +188,14 @@ class ClassifierConfig(_Strict):
     Preprocessing comes from timm's pretrained config unless set here.
     """
 
-    source: str
-    model_name: str | None = None
-    num_classes: int | None = Field(None, ge=2)
-    input_size: int | None = Field(None, gt=0)
-    interpolation: Literal["bicubic", "bilinear", "nearest"] | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
+    # Every classifier field changes the model or its preprocessing, hence the votes.
+    source: str = votes()
+    model_name: str | None = votes(None)
+    num_classes: int | None = votes(None, ge=2)
+    input_size: int | None = votes(None, gt=0)
+    interpolation: Literal["bicubic", "bilinear", "nearest"] | None = votes(None)
+    mean: tuple[float, ...] | None = votes(None)
+    std: tuple[float, ...] | None = votes(None)
 
     _source_creds = field_validator("source")(_no_credentials)
 
@@ -127,11 +210,12 @@ class MethodConfig(_Strict):
     ``rs`` and ``dds`` are deterministic given the noisy copy, so k and steps must be 1.
     """
 
-    kind: MethodKind
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]+$")
-    k: int = Field(1, ge=1)
-    steps: int = Field(1, ge=1)
-    classifier: ClassifierConfig | None = None
+    kind: MethodKind = votes()
+    # the partition name: renaming a method starts another partition
+    name: str | None = votes(None, pattern=r"^[A-Za-z0-9_.+-]+$")
+    k: int = votes(1, ge=1)
+    steps: int = votes(1, ge=1)
+    classifier: ClassifierConfig | None = votes(None)
 
     @model_validator(mode="after")
     def _check(self):
@@ -153,36 +237,50 @@ class MethodConfig(_Strict):
 class CertifyConfig(_Strict):
     """A whole certification job. Written, resolved, next to every result (OUT/config.yaml)."""
 
-    run_name: str = "default"
-    dataset: DatasetConfig = DatasetConfig()
-    diffusion: DiffusionConfig | None = None
-    classifier: ClassifierConfig
-    methods: list[MethodConfig] = Field(..., min_length=1)
-    sigmas: list[float] = Field(..., min_length=1)
-    n0: int = Field(100, ge=1)
-    n: int = Field(10_000, ge=1)
-    alpha: float = Field(0.001, gt=0.0, lt=1.0)
-    radii: list[float] = Field(default_factory=lambda: list(DEFAULT_RADII))
-    batch_size: int = Field(256, ge=1)
-    seed: int = Field(0, ge=0)
-    out: str = "results/default"
-    shard_size: int = Field(16, ge=1)
-    workers: int | None = Field(None, ge=1, description="Ray actors; default one per GPU, else 1")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    t_star_rule: Literal["nearest", "first_at_or_above"] = "nearest"
-    early_exit: bool = True
-    pad_batches: bool = False
-    channels_last: bool = Field(False, description="GPU: NHWC memory format for both models (densepure_core.accel)")
-    compile: bool = Field(False, description="GPU: torch.compile both models; the first batch of each shape compiles")
-    cuda_graphs: bool = Field(False, description="GPU: capture the fixed-shape purify+classify step once and replay "
-                                                 "it per batch (CUDA only; implies padded batches)")
-    noise_device: Literal["cpu", "device"] = Field(
+    # Each field is declared either votes(...) (it changes vote counts: part of config_hash, a
+    # resumed OUT must agree on it) or operational(...) (it changes how or where the counts are
+    # computed, or what is derived from them afterwards, never a count). tests/densepure_core/
+    # test_config.py fails for any field declared with neither.
+    run_name: str = operational("default", description="a label for run ids and logs")
+    dataset: DatasetConfig = votes(DatasetConfig())
+    diffusion: DiffusionConfig | None = votes(None)
+    classifier: ClassifierConfig = votes()
+    methods: list[MethodConfig] = votes(..., min_length=1)
+    sigmas: list[float] = votes(..., min_length=1)
+    n0: int = votes(100, ge=1)
+    n: int = votes(10_000, ge=1)
+    # alpha and radii are applied to the stored counts at aggregation (and can be changed later
+    # with `densepure sql --alpha`): they never change a vote.
+    alpha: float = operational(0.001, gt=0.0, lt=1.0)
+    radii: list[float] = operational(default_factory=lambda: list(DEFAULT_RADII))
+    # Every row draws from its own generators: batch size and worker count change no count.
+    batch_size: int = operational(256, ge=1)
+    seed: int = votes(0, ge=0)
+    out: str = operational("results/default")
+    # The shard layout is stored in run.json and in the vote file names; a resumed OUT must keep it.
+    shard_size: int = votes(16, ge=1)
+    workers: int | None = operational(None, ge=1, description="Ray actors; default one per GPU, else 1")
+    device: str = operational("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    # Lower precision changes the models' outputs, hence the votes.
+    precision: Literal["fp32", "bf16", "fp16"] = votes("fp32")
+    t_star_rule: Literal["nearest", "first_at_or_above"] = votes("nearest")
+    early_exit: bool = operational(True, description="skip DensePure votes that cannot change a copy's "
+                                                     "label (exact: the same counts)")
+    pad_batches: bool = operational(False)
+    channels_last: bool = operational(False, description="GPU: NHWC memory format for both models "
+                                                         "(densepure_core.accel)")
+    compile: bool = operational(False, description="GPU: torch.compile both models; the first batch of each "
+                                                   "shape compiles")
+    cuda_graphs: bool = operational(False, description="GPU: capture the fixed-shape purify+classify step once "
+                                                       "and replay it per batch (CUDA only; implies padded batches)")
+    # The two noise streams draw different numbers: different counts.
+    noise_device: Literal["cpu", "device"] = votes(
         "cpu", description="cpu: per-row CPU generators, identical counts on every device; device: counter-based "
                            "Philox on the model's device (fast on GPUs; other counts, see densepure_core/rng.py)")
-    prefetch: int = Field(2, ge=0, description="images loaded ahead in a background thread (0: inline)")
-    allow_pickle: bool = False
-    on_bad_input: Literal["fail", "quarantine"] = Field(
+    prefetch: int = operational(2, ge=0, description="images loaded ahead in a background thread (0: inline)")
+    allow_pickle: bool = operational(False, description="accept pickle weights; the same weights give the "
+                                                        "same counts in either format")
+    on_bad_input: Literal["fail", "quarantine"] = operational(
         "fail", description="fail: stop cleanly at the first bad image (finished shards are kept); "
                             "quarantine: record it in the errors table and go on")
 
@@ -220,24 +318,39 @@ class CertifyConfig(_Strict):
         return (method.classifier or self.classifier).for_sigma(sigma)
 
     def vote_fields(self) -> dict[str, Any]:
-        """The fields that determine vote counts (not alpha, radii or operational settings)."""
-        fields = self.model_dump(mode="json", include={
-            "dataset", "diffusion", "classifier", "methods", "sigmas", "n0", "n", "seed",
-            "precision", "t_star_rule", "shard_size",
-        })
-        # The device noise stream gives other counts; the default CPU stream is the one every
-        # earlier result used, so it is left out and their hashes stay valid.
-        if self.noise_device != "cpu":
-            fields["noise_device"] = self.noise_device
-        return fields
+        """The hash payload: every field declared ``votes(...)`` (nested models: their ``votes``
+        fields), JSON-compatible, plus ``stream_version``, the version of the noise streams
+        (:data:`densepure_core.rng.STREAM_VERSION`; not a setting: the code's draws)."""
+        return self._hash_payload(_stream_version())
 
-    def config_hash(self) -> str:
-        """sha256 (first 16 hex digits) of :meth:`vote_fields`: equal hashes, equal counts."""
-        blob = json.dumps(self.vote_fields(), sort_keys=True).encode()
+    def config_hash(self, stream_version: int | None = None) -> str:
+        """sha256 (first 16 hex digits) of :meth:`vote_fields`: equal hashes, equal counts.
+
+        ``stream_version`` (default: the current one) gives the hash this config had under an
+        older noise-stream version; version 1 is the payload of the releases before the
+        stream version existed (no ``stream_version`` key, ``noise_device`` only when not
+        ``cpu``), so an OUT they wrote can be recognised and refused (tasks/plan.py).
+        """
+        payload = self._hash_payload(_stream_version() if stream_version is None else stream_version)
+        blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def _hash_payload(self, stream_version: int) -> dict[str, Any]:
+        fields = _vote_dump(self)
+        if stream_version == 1:
+            if fields.get("noise_device") == "cpu":
+                del fields["noise_device"]
+        else:
+            fields["stream_version"] = int(stream_version)
+        return fields
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+_UNDECLARED = unclassified_fields(CertifyConfig)
+if _UNDECLARED:  # a developer error: every field must say whether it determines the votes
+    raise TypeError(f"CertifyConfig fields declared neither votes(...) nor operational(...): {_UNDECLARED}")
 
 
 def resolve_source(source: str) -> str:
@@ -293,15 +406,50 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def packaged_config(name: str):
+    """The packaged preset ``name`` (``default``, ``imagenet_dds``; ``.yaml`` optional), read
+    from the installed package (importlib.resources), never from a source tree. Raises
+    ConfigError for an unknown name."""
+    stem = name.removesuffix(".yaml").removesuffix(".yml")
+    resource = PACKAGED_CONFIGS / f"{stem}.yaml"
+    if not resource.is_file():
+        names = sorted(p.name.removesuffix(".yaml") for p in PACKAGED_CONFIGS.iterdir() if p.name.endswith(".yaml"))
+        raise ConfigError(f"no packaged config {name!r}; packaged: {', '.join(names)}")
+    return resource
+
+
+def resolve_config_path(path: str | Path):
+    """A config file: ``path`` if it exists, else the packaged preset it names.
+
+    ``default`` or ``imagenet_dds.yaml`` (a bare name) and ``configs/imagenet_dds.yaml`` (where
+    the presets lived in the source tree before they became package data) name a packaged
+    preset when no such file exists; anything else is returned as given.
+    """
+    if isinstance(path, (str, Path)):
+        p = Path(path).expanduser()
+        if p.exists():
+            return p
+        if p.parent in (Path("."), Path("configs")) and p.suffix in ("", ".yaml", ".yml"):
+            try:
+                return packaged_config(p.name)
+            except ConfigError:
+                pass
+        return p
+    return path  # an importlib.resources Traversable
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict | None = None) -> CertifyConfig:
-    """Read YAML (or take ``data``), apply overrides, validate. Raises ConfigError."""
+    """Read YAML (or take ``data``), apply overrides, validate. Raises ConfigError.
+
+    ``path``: a YAML file, or a packaged preset (:func:`resolve_config_path`).
+    """
     origin = str(path) if path else "<dict>"
     if data is None:
         if path is None:
             raise ConfigError("no config given")
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(resolve_config_path(path).read_text()) or {}
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path} does not exist") from exc
         except yaml.YAMLError as exc:

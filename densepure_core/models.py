@@ -412,14 +412,14 @@ def _sync_s3_dir(uri: str, *, cache_dir=None, storage_options=None,
     ``*.safetensors`` are copied (plus ``*.bin`` with ``allow_pickle``); pickle-only weights
     are refused from the listing, before any download.
     """
-    import s3fs
+    from densepure_core import remote
 
     what = f"diffusion model {uri!r}"
     root = Path(cache_dir).expanduser() if cache_dir else Path("~/.cache/densepure/s3").expanduser()
     local = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
     prefix = uri[len("s3://"):].rstrip("/")
     try:
-        fs = s3fs.S3FileSystem(**dict(storage_options or {}))
+        fs, _ = remote.filesystem_for(uri, storage_options)  # the one S3 factory: its timeouts
         fs.invalidate_cache(prefix)  # the listing must reflect the bucket now, not earlier calls
         listing = fs.find(prefix, detail=True)
     except Exception as e:  # noqa: BLE001  (botocore/aiohttp errors have no common base)

@@ -8,7 +8,7 @@ Two registries:
   ``scheduler/``, what ``load_diffusion`` reads). Classifiers are timm models: one with hub
   weights is downloaded into the Hugging Face cache (``$HF_HOME``, where ``load_classifier``
   finds it by name, also offline); one without a public source says what file to put where.
-- ``CONFIG_PRESETS``: the YAML files in ``configs/`` and the models each needs.
+- ``CONFIG_PRESETS``: the packaged YAML files (``densepure_core/configs/``) and the models each needs.
 
 Offline (``HF_HUB_OFFLINE=1``, ``DENSEPURE_OFFLINE=1``, ``offline=True``, or no route to the
 host) ``fetch`` downloads nothing: it converts what is already in ``CACHE/downloads/`` and
@@ -56,7 +56,7 @@ __all__ = [
 #: Where ``models fetch`` puts models by default (relative to the working directory, as the
 #: presets' ``diffusion.source`` paths are): ``$DENSEPURE_MODELS`` or ``./models``.
 DEFAULT_CACHE = os.environ.get("DENSEPURE_MODELS", "models")
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # package data (config.PACKAGED_CONFIGS)
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class ClassifierWeights:
 
 @dataclass(frozen=True)
 class ConfigPreset:
-    """A YAML file in ``configs/`` and the models it needs."""
+    """A packaged YAML file (``densepure_core/configs/``) and the models it needs."""
 
     name: str
     config: str

@@ -420,17 +420,29 @@ def certified_accuracy(radius: ArrayLike, correct: ArrayLike, radii: ArrayLike) 
 
 
 def high_probability_certified_accuracy(accuracy: ArrayLike, num_images: int, alpha: float,
-                                        rho: float = 0.001) -> np.ndarray:
-    """Cohen's high-probability certified accuracy: the approximate one minus a correction.
+                                        rho: float = 0.001, bound: str = "bernstein") -> np.ndarray:
+    """Certified accuracy that holds with probability 1 - rho: the approximate one minus a correction.
 
-    Returns max(0, accuracy - (alpha + sqrt(alpha (1 - alpha) ln(1/rho) / m) + ln(1/rho) / (3m)))
-    with m = num_images. Each certificate is wrong with probability at most alpha, independently
-    across images, so a Bernstein bound on the number of wrong certificates gives (Cohen et al.,
-    appendix): with probability at least 1 - rho over the randomness in CERTIFY, the true
-    certified accuracy of the smoothed classifier g on these m images at radius r is at least
-    the returned value. The correction is exactly the one in Cohen's published analysis code
-    (``analyze.HighProbAccuracy``); note that the textbook one-sided Bernstein inequality gives
-    the somewhat larger alpha + sqrt(2 alpha (1 - alpha) ln(1/rho) / m) + 2 ln(1/rho) / (3m).
+    Each certificate is wrong with probability at most alpha, independently across images (every
+    image draws its own noise), so the number W of wrong certificates among the m images is a sum
+    of independent Bernoulli(p_i <= alpha) variables, and the true certified accuracy of the
+    smoothed classifier g on these images at radius r is at least ``accuracy - W / m``.
+
+    ``bound="bernstein"`` (default): Bernstein's inequality, P(W - E W >= t) <=
+    exp(-t^2 / (2 (V + t / 3))) with V = m v >= Var W (v = alpha (1 - alpha), or 1/4 for alpha > 1/2),
+    solved for t at probability rho. With L = ln(1/rho) the returned value is::
+
+        max(0, accuracy - (alpha + L / (3m) + sqrt((L / (3m))^2 + 2 v L / m)))
+
+    and with probability at least 1 - rho over the randomness of CERTIFY the true certified
+    accuracy is at least it. (The usual closed form alpha + sqrt(2 v L / m) + 2 L / (3m) is a
+    slightly larger, also valid, correction.)
+
+    ``bound="cohen"``: the correction printed by Cohen et al. (2019) and used in their analysis
+    code (``analyze.HighProbAccuracy``), alpha + sqrt(alpha (1 - alpha) L / m) + L / (3m), to
+    compare with published tables. It is smaller than what the Bernstein inequality above gives
+    (half the variance term inside the root, a third of the range term), so no 1 - rho guarantee
+    is claimed for it here.
 
     Args:
         accuracy: approximate certified accuracies in [0, 1] (e.g. from
@@ -438,6 +450,7 @@ def high_probability_certified_accuracy(accuracy: ArrayLike, num_images: int, al
         num_images: m, number of images behind ``accuracy``, >= 1.
         alpha: the alpha CERTIFY was run with, in (0, 1).
         rho: failure probability of this statement, in (0, 1).
+        bound: ``"bernstein"`` (the guarantee) or ``"cohen"`` (the published correction).
 
     Returns:
         float64 array of the shape of ``accuracy``, clipped at 0.
@@ -451,5 +464,12 @@ def high_probability_certified_accuracy(accuracy: ArrayLike, num_images: int, al
     alpha = float(_check_alpha(alpha))
     rho = float(_check_alpha(rho, "rho"))
     log_term = np.log(1.0 / rho)
-    correction = alpha + np.sqrt(alpha * (1.0 - alpha) * log_term / m) + log_term / (3.0 * m)
+    if bound == "bernstein":
+        variance = alpha * (1.0 - alpha) if alpha <= 0.5 else 0.25
+        range_term = log_term / (3.0 * m)
+        correction = alpha + range_term + np.sqrt(range_term ** 2 + 2.0 * variance * log_term / m)
+    elif bound == "cohen":
+        correction = alpha + np.sqrt(alpha * (1.0 - alpha) * log_term / m) + log_term / (3.0 * m)
+    else:
+        raise ValueError(f"bound must be 'bernstein' or 'cohen', got {bound!r}")
     return np.maximum(acc - correction, 0.0)

@@ -1,7 +1,7 @@
 """The certification flow: plan -> vote (Ray actors) -> aggregate (DuckDB) -> report.
 
-Run it with ``densepure certify [--config FILE] [--out DIR|s3://...]``; with no config it runs
-the embedded default (``configs/default.yaml``). Without ``PREFECT_API_URL`` Prefect starts a
+Run it with ``densepure certify [--config FILE|PRESET] [--out DIR|s3://...]``; with no config it
+runs the packaged default (``densepure_core/configs/default.yaml``). Without ``PREFECT_API_URL`` Prefect starts a
 temporary local server for the run (no server to manage); with it, runs are recorded there.
 
 Rerunning the same command on the same OUT finishes only what is missing (see tasks/plan.py).
@@ -14,13 +14,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-# Quiet, local-only Prefect defaults; explicit settings in the environment win.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import (  # noqa: E402
+# Importing this module sets no environment variable: Prefect reads its settings when it is
+# imported (just below), so the quiet local defaults (flows/environment.py) are applied by the
+# entry points before they import this module (the CLI does; scripts call
+# flows.environment.apply_environment_defaults() first).
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
     create_image_artifact,
     create_markdown_artifact,
     create_progress_artifact,
@@ -28,13 +27,13 @@ from prefect.artifacts import (  # noqa: E402
     update_progress_artifact,
 )
 
-from densepure_core.config import CertifyConfig, load_config  # noqa: E402
-from tasks import aggregate as aggregate_mod  # noqa: E402
-from tasks import report as report_mod  # noqa: E402
-from tasks import storage  # noqa: E402
-from tasks.errors import quarantined_counts  # noqa: E402
-from tasks.plan import Plan, plan_run, plan_summary  # noqa: E402
-from tasks.vote import ShardResult, run_vote_stage  # noqa: E402
+from densepure_core.config import CertifyConfig, load_config
+from tasks import aggregate as aggregate_mod
+from tasks import report as report_mod
+from tasks import storage
+from tasks.errors import quarantined_counts
+from tasks.plan import Plan, plan_run, plan_summary
+from tasks.vote import ShardResult, run_vote_stage
 
 __all__ = ["certify_flow", "certify_config_file", "ProgressPrinter", "run_certify"]
 
@@ -141,9 +140,10 @@ def certify_flow(config: dict, out: str | None = None, ray_address: str | None =
 
 
 @flow(name="densepure-certify-file")
-def certify_config_file(config_path: str = "configs/default.yaml", out: str | None = None,
+def certify_config_file(config_path: str = "default", out: str | None = None,
                         overrides: list[str] | None = None, ray_address: str | None = None) -> dict:
-    """Deployment entry point (prefect.yaml): certify the config at ``config_path``."""
+    """Deployment entry point (prefect.yaml): certify the config at ``config_path`` (a YAML file
+    or a packaged preset name, see :func:`densepure_core.config.resolve_config_path`)."""
     cfg = load_config(config_path, overrides or [])
     return certify_flow(cfg.model_dump(mode="json"), out=out, ray_address=ray_address, progress=False)
 

@@ -162,7 +162,7 @@ def models_list(cache: Path = typer.Option(None, "--cache", help="Model cache to
             where = f"manual: {cache_dir / str(spec.filename)}"
         typer.echo(f"{name}: {where}")
     for name, cp in CONFIG_PRESETS.items():
-        typer.echo(f"{name}: configs/{cp.config} needs {', '.join(cp.models)}")
+        typer.echo(f"{name}: --config {name} needs {', '.join(cp.models)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -21,14 +21,21 @@ import os
 import signal
 from collections import Counter
 
-__all__ = ["fault_point"]
+__all__ = ["fault_point", "record_driver_process_group"]
 
 _hits: Counter[str] = Counter()
 
-# The driver records its process group before it starts Ray, so that a fault reached inside a
-# Ray actor (which runs in a process group of its own) kills the whole run, driver included.
-if os.environ.get("DENSEPURE_FAULT"):
-    os.environ.setdefault("DENSEPURE_FAULT_PGID", str(os.getpgid(0)))
+
+def record_driver_process_group() -> None:
+    """Record the driver's process group in the environment, for the processes it starts.
+
+    Called by the driver (the CLI entry point, and before it starts a local Ray) so that a
+    fault reached inside a Ray actor (which runs in a process group of its own, but inherits
+    the environment) kills the whole run, driver included. Without ``DENSEPURE_FAULT`` it does
+    nothing; a group recorded earlier (by the driver, seen from a child) is kept.
+    """
+    if os.environ.get("DENSEPURE_FAULT"):
+        os.environ.setdefault("DENSEPURE_FAULT_PGID", str(os.getpgid(0)))
 
 
 def fault_point(name: str) -> None:

@@ -7,13 +7,21 @@ import pytest
 from densepure_core.config import (
     ASSETS_DIR,
     CertifyConfig,
+    ClassifierConfig,
     ConfigError,
+    DatasetConfig,
+    DiffusionConfig,
+    PACKAGED_CONFIGS,
+    MethodConfig,
     apply_overrides,
+    determines_votes,
     load_config,
     resolve_source,
+    unclassified_fields,
 )
+from densepure_core.rng import STREAM_VERSION
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(str(PACKAGED_CONFIGS))  # package data (densepure_core/configs)
 
 
 def base(**over):
@@ -83,7 +91,68 @@ def test_config_hash_covers_votes_only():
     assert a.config_hash() != load_config(data=base(), overrides=["seed=1"]).config_hash()
     assert len(a.config_hash()) == 16
     assert a.config_hash() != load_config(data=base(), overrides=["noise_device=device"]).config_hash()
-    assert "noise_device" not in a.vote_fields()  # the default stream keeps earlier hashes valid
+    assert a.vote_fields()["noise_device"] == "cpu"  # always part of the hash, no special case
+    assert a.vote_fields()["stream_version"] == STREAM_VERSION
+
+
+def test_every_config_field_declares_whether_it_determines_votes():
+    """A new field must be declared votes(...) or operational(...), here and in nested models."""
+    assert unclassified_fields(CertifyConfig) == []
+    for model in (DatasetConfig, DiffusionConfig, ClassifierConfig, MethodConfig):
+        assert unclassified_fields(model) == [], model
+    # the check sees through Optional and list[...] to the nested models
+    assert "methods.classifier.source" not in unclassified_fields(CertifyConfig)
+
+    class Extra(CertifyConfig):
+        forgotten: int = 0
+        dataset: Undeclared = Undeclared()
+
+    assert sorted(unclassified_fields(Extra)) == ["dataset", "dataset.x", "forgotten"]
+
+
+class Undeclared(DatasetConfig):
+    x: int = 0
+
+
+def test_vote_classification_is_the_documented_one():
+    declared = {name for name in CertifyConfig.model_fields if determines_votes(CertifyConfig, name)}
+    assert declared == {"dataset", "diffusion", "classifier", "methods", "sigmas", "n0", "n", "seed",
+                        "precision", "t_star_rule", "shard_size", "noise_device"}
+    for model in (DatasetConfig, DiffusionConfig, ClassifierConfig, MethodConfig):
+        assert all(determines_votes(model, name) for name in model.model_fields), model
+    cfg = load_config(data=base())
+    assert set(cfg.vote_fields()) == declared | {"stream_version"}
+    # nested models contribute their votes fields, as JSON values
+    assert cfg.vote_fields()["methods"][2] == {"kind": "densepure", "name": None, "k": 5, "steps": 2,
+                                              "classifier": None}
+
+
+@pytest.mark.parametrize("override", [
+    "alpha=0.01", "radii=[0.0,1.0]", "batch_size=3", "workers=2", "device=cpu", "out=elsewhere",
+    "run_name=other", "prefetch=0", "early_exit=false", "pad_batches=true", "channels_last=true",
+    "compile=true", "cuda_graphs=true", "allow_pickle=true", "on_bad_input=quarantine",
+])
+def test_operational_fields_keep_the_hash(override):
+    assert load_config(data=base(), overrides=[override]).config_hash() == load_config(data=base()).config_hash()
+
+
+@pytest.mark.parametrize("override", [
+    "n0=50", "n=500", "seed=3", "sigmas=[0.25]", "precision=bf16", "t_star_rule=first_at_or_above",
+    "shard_size=4", "noise_device=device", "dataset.every=2", "diffusion.source=/other",
+    "classifier.input_size=32", "methods.2.k=3", "methods.0.name=plain",
+])
+def test_vote_fields_change_the_hash(override):
+    assert load_config(data=base(), overrides=[override]).config_hash() != load_config(data=base()).config_hash()
+
+
+def test_stream_version_is_in_the_hash_and_version_1_is_the_old_payload():
+    cfg = load_config(data=base())
+    assert cfg.config_hash() == cfg.config_hash(stream_version=STREAM_VERSION)
+    assert cfg.config_hash(stream_version=1) != cfg.config_hash()
+    # hashes written by the code before the stream version existed (pinned from that code)
+    assert cfg.config_hash(stream_version=1) == "3be7b3315c5652d6"
+    device = load_config(data=base(), overrides=["noise_device=device"])
+    assert device.config_hash(stream_version=1) == "8558b7c1f167a306"
 
 
 def test_sigma_template_and_bundled_sources():

@@ -504,3 +504,39 @@ def test_file_sha256_and_fingerprint(tmp_path):
     assert fp != model_fingerprint({**sd, "b": torch.arange(3, dtype=torch.int32)})
     # pinned: the hash format is part of run metadata and must not drift
     assert fp == "0f1b785ded2972cb252903ac75cd207ff3f651065730df5c8d1e616e08c559a4"
+
+
+def test_s3_sync_uses_the_one_filesystem_factory(tiny_diffusion, s3_endpoint, tmp_path, monkeypatch):
+    """models._sync_s3_dir gets its filesystem from remote.filesystem_for: the fail-fast
+    timeouts and retries apply, and storage_options go through the same factory."""
+    from densepure_core import remote
+
+    _, _, pipe = tiny_diffusion
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    _upload(s3_endpoint, pipe, f"{bucket}/ddpm/tiny")
+    uri = f"s3://{bucket}/ddpm/tiny"
+    made = []
+    real = remote.filesystem_for
+
+    def spy(target, storage_options=None):
+        fs, path = real(target, storage_options)
+        made.append((target, storage_options, fs))
+        return fs, path
+
+    monkeypatch.setattr(remote, "filesystem_for", spy)
+    opts = {"endpoint_url": s3_endpoint, "config_kwargs": {"read_timeout": 60}}
+    local, copied = models._sync_s3_dir(uri, cache_dir=tmp_path / "c", storage_options=opts)
+    assert copied > 0 and (local / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert [(t, o) for t, o, _ in made] == [(uri, opts)]
+    config = made[0][2].config_kwargs
+    assert config["read_timeout"] == 60  # merged over the defaults, the other timeouts kept
+    assert config["connect_timeout"] == 5 and config["retries"]["mode"] == "standard"
+    assert remote.S3_CONFIG_KWARGS["retries"] == {"max_attempts": 3, "mode": "standard"}  # not mutated
+
+
+def test_filesystem_for_keeps_the_timeouts_with_storage_options():
+    from densepure_core import remote
+
+    fs, path = remote.filesystem_for("s3://bucket/prefix", {"endpoint_url": "http://127.0.0.1:9"})
+    assert path == "bucket/prefix" and fs.config_kwargs == remote.S3_CONFIG_KWARGS
+    assert fs.client_kwargs.get("endpoint_url") == "http://127.0.0.1:9" or fs.endpoint_url == "http://127.0.0.1:9"

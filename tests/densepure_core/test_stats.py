@@ -292,11 +292,40 @@ def test_certified_accuracy_validation():
         certified_accuracy([], [], [0.0])
 
 
-def test_high_probability_accuracy_hand_computation():
+def _bernstein_transcribed(alpha, m, rho):
+    """Solve t^2 = 2 L (m alpha (1 - alpha) + t / 3) for t (Bernstein at probability rho)."""
+    L = math.log(1 / rho)
+    t = L / 3 + math.sqrt(L * L / 9 + 2 * m * alpha * (1 - alpha) * L)
+    return alpha + t / m
+
+
+@pytest.mark.parametrize("m, alpha, rho", [(500, 0.001, 0.001), (100, 0.001, 0.01), (1000, 0.01, 0.05),
+                                           (50, 0.2, 0.1)])
+def test_high_probability_accuracy_is_the_bernstein_bound(m, alpha, rho):
+    correction = _bernstein_transcribed(alpha, m, rho)
+    out = high_probability_certified_accuracy(np.array([0.6, 0.0, 1.0]), m, alpha, rho)
+    np.testing.assert_allclose(out, [max(0.0, 0.6 - correction), 0.0, 1.0 - correction], rtol=1e-13)
+    L = math.log(1 / rho)
+    textbook = alpha + math.sqrt(2 * alpha * (1 - alpha) * L / m) + 2 * L / (3 * m)
+    cohen = alpha + math.sqrt(alpha * (1 - alpha) * L / m) + L / (3 * m)
+    assert cohen < correction <= textbook
+    # the guarantee, checked exactly for the worst case p_i = alpha: P(W / m > correction) <= rho
+    wrong_allowed = math.floor(m * correction + 1e-12)
+    assert st.binom.sf(wrong_allowed, m, alpha) <= rho
+
+
+def test_high_probability_accuracy_pinned_values():
+    out = high_probability_certified_accuracy(np.array([0.6, 0.005, 1.0]), 500, ALPHA, 0.001)
+    assert out[0] == pytest.approx(0.5874083441068251, rel=1e-12)
+    assert out[1] == 0.0  # clipped
+    assert out[2] == pytest.approx(0.9874083441068251, rel=1e-12)
+
+
+def test_high_probability_accuracy_cohen_published_correction():
     m, rho = 500, 0.001
     log_term = math.log(1 / rho)  # 6.907755278982137
     correction = ALPHA + math.sqrt(ALPHA * (1 - ALPHA) * log_term / m) + log_term / (3 * m)
-    out = high_probability_certified_accuracy(np.array([0.6, 0.005, 1.0]), m, ALPHA, rho)
+    out = high_probability_certified_accuracy(np.array([0.6, 0.005, 1.0]), m, ALPHA, rho, bound="cohen")
     np.testing.assert_allclose(out, [0.6 - correction, 0.0, 1.0 - correction], rtol=1e-14)
     assert out[0] == pytest.approx(0.5906797665511042, rel=1e-12)
     assert out[1] == 0.0  # clipped
@@ -307,3 +336,5 @@ def test_high_probability_accuracy_validation():
         high_probability_certified_accuracy(0.5, 0, ALPHA)
     with pytest.raises(ValueError, match="rho"):
         high_probability_certified_accuracy(0.5, 100, ALPHA, rho=0.0)
+    with pytest.raises(ValueError, match="bound"):
+        high_probability_certified_accuracy(0.5, 100, ALPHA, bound="hoeffding")

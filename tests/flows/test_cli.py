@@ -100,3 +100,19 @@ def test_train_toy_quick_writes_verifiable_models(tmp_path):
     assert result.exit_code == 0, result.output
     verify_assets(tmp_path / "toy")  # every weights file matches the manifest's sha256
     assert (tmp_path / "toy" / "ddpm" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_config_show_reads_the_packaged_presets(tmp_path, monkeypatch):
+    from densepure_core.config import PACKAGED_CONFIGS
+
+    monkeypatch.chdir(tmp_path)  # no source tree around: the presets come from the package
+    default = invoke("config", "show")
+    assert default.exit_code == 0 and "bundled:digits/ddpm" in default.output
+    assert "stream_version" not in default.output.split("# config_hash")[0]  # not a config field
+    by_name = invoke("config", "show", "--config", "imagenet_dds")
+    assert by_name.exit_code == 0, by_name.output
+    legacy = invoke("config", "show", "--config", "configs/imagenet_dds.yaml")  # the old source-tree path
+    assert legacy.output == by_name.output
+    missing = runner.invoke(app, ["config", "show", "--config", "no_such_preset"])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    assert str(PACKAGED_CONFIGS).endswith("densepure_core/configs")
