@@ -34,6 +34,7 @@ import pyarrow.fs as pafs
 
 from . import aggregate as agg
 from . import layout, storage
+from .aggregate_sql import check_alpha
 from .sqlfuncs import register_udfs
 from .textfmt import FORMATS, format_rows
 
@@ -99,7 +100,7 @@ def connect(out: str, *, alpha: float | None = None) -> duckdb.DuckDBPyConnectio
         tasks.aggregate.AggregateError: with ``alpha``, the votes fail the aggregate checks.
     """
     if alpha is not None:
-        alpha = agg.check_alpha(alpha)
+        alpha = check_alpha(alpha)
     s3 = storage.is_s3(out)
     fs, _ = storage.split_uri(out)  # one filesystem (one S3 session) for every read below
     files = layout.vote_files(out)

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .aggregate import accuracy_sql
+from .aggregate_sql import accuracy_sql
 from .errors import read_errors
 from .layout import plot_uri, report_uri, tables_uri, tsv_dir, tsv_name, votes_dir
 from .query import connect

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densepure_core import models
+from densepure_core.models import diffusion
 from densepure_core.models import (
     Classifier,
     DiffusionModel,
@@ -247,14 +247,14 @@ def test_load_diffusion_from_s3_with_cache(tiny_diffusion, s3_endpoint, tmp_path
     mtime = weights.stat().st_mtime_ns
 
     # second load: the listing matches the marker, nothing is copied again
-    assert models._sync_s3_dir(uri, cache_dir=cache, storage_options=opts) == (local, 0)
+    assert diffusion._sync_s3_dir(uri, cache_dir=cache, storage_options=opts) == (local, 0)
     dm2 = load_diffusion(uri, cache_dir=cache, storage_options=opts)
     assert weights.stat().st_mtime_ns == mtime
     assert torch.equal(_unet_out(dm2.unet), _unet_out(unet))
 
     # endpoint from the standard AWS variable instead of storage_options
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
-    assert models._sync_s3_dir(uri, cache_dir=cache) == (local, 0)
+    assert diffusion._sync_s3_dir(uri, cache_dir=cache) == (local, 0)
 
     # a changed remote file is copied again (and only that one)
     new = _tiny_scheduler()
@@ -507,7 +507,7 @@ def test_file_sha256_and_fingerprint(tmp_path):
 
 
 def test_s3_sync_uses_the_one_filesystem_factory(tiny_diffusion, s3_endpoint, tmp_path, monkeypatch):
-    """models._sync_s3_dir gets its filesystem from remote.filesystem_for: the fail-fast
+    """diffusion._sync_s3_dir gets its filesystem from remote.filesystem_for: the fail-fast
     timeouts and retries apply, and storage_options go through the same factory."""
     from densepure_core import remote
 
@@ -525,7 +525,7 @@ def test_s3_sync_uses_the_one_filesystem_factory(tiny_diffusion, s3_endpoint, tm
 
     monkeypatch.setattr(remote, "filesystem_for", spy)
     opts = {"endpoint_url": s3_endpoint, "config_kwargs": {"read_timeout": 60}}
-    local, copied = models._sync_s3_dir(uri, cache_dir=tmp_path / "c", storage_options=opts)
+    local, copied = diffusion._sync_s3_dir(uri, cache_dir=tmp_path / "c", storage_options=opts)
     assert copied > 0 and (local / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert [(t, o) for t, o, _ in made] == [(uri, opts)]
     config = made[0][2].config_kwargs

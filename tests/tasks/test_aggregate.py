@@ -149,10 +149,13 @@ def test_accuracy_table_is_pinned(tmp_path):
 def test_default_radii_grid_is_the_configs(tmp_path):
     """One radius grid in the project: the aggregate's default is densepure_core.config's."""
     import tasks.aggregate as agg
+    import tasks.aggregate_sql as agg_sql
 
-    assert agg.check_radii(None) == tuple(DEFAULT_RADII)
-    assert not any(isinstance(v, (list, tuple)) and name.endswith("RADII") and v is not DEFAULT_RADII
-                   for name, v in vars(agg).items())  # no second grid defined here
+    assert agg.check_radii(None) == agg_sql.check_radii(None) == tuple(DEFAULT_RADII)
+    for module in (agg, agg_sql):
+        assert not any(isinstance(v, (list, tuple)) and name.endswith("RADII")
+                       and v is not DEFAULT_RADII
+                       for name, v in vars(module).items())  # no second grid defined here
     write_votes(str(tmp_path), make_votes(5, 3))
     result = aggregate(str(tmp_path), alpha=0.001)
     assert result.radii == tuple(DEFAULT_RADII)

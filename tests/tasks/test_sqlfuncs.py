@@ -13,7 +13,8 @@ from scipy.stats import binomtest
 from votes_factory import hand_votes, make_votes, write_votes
 
 from densepure_core.stats import certified_radius, clopper_pearson_lower
-from tasks.aggregate import aggregate, certificates_sql
+from tasks.aggregate import aggregate
+from tasks.aggregate_sql import certificates_sql
 from tasks.query import QueryError, connect, run_query
 from tasks.sqlfuncs import register_udfs
 from tasks.textfmt import format_rows
