@@ -87,6 +87,10 @@ def test_the_fault_driver_record_is_explicit(monkeypatch):
     faults.record_driver_process_group()
     assert "DENSEPURE_FAULT_PGID" not in os.environ  # only when a fault is armed
     monkeypatch.setenv("DENSEPURE_FAULT", "vote:mid-shard")
-    faults.record_driver_process_group()
-    assert os.environ["DENSEPURE_FAULT_PGID"] == str(os.getpgid(0))
-    monkeypatch.delenv("DENSEPURE_FAULT_PGID")
+    try:
+        faults.record_driver_process_group()
+        assert os.environ["DENSEPURE_FAULT_PGID"] == str(os.getpgid(0))
+    finally:
+        # Never leak it: a later fault test's child would inherit pytest's own process group
+        # as the "driver" and kill the test run (monkeypatch cannot undo a variable it did not set).
+        os.environ.pop("DENSEPURE_FAULT_PGID", None)

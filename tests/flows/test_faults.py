@@ -96,6 +96,7 @@ def test_sigkill_of_the_whole_run_then_rerun(point, reference, tmp_path):
     config.write_text(yaml.safe_dump(data))
     env = dict(os.environ, DENSEPURE_FAULT=point, DENSEPURE_FAULT_ONCE=str(tmp_path / "fault.once"),
                PREFECT_LOGGING_LEVEL="ERROR")
+    env.pop("DENSEPURE_FAULT_PGID", None)  # the crashing CLI records its own group
     crashed = subprocess.run([DENSEPURE, "certify", "--config", str(config)], env=env, start_new_session=True,
                              capture_output=True, text=True, timeout=600)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
