@@ -91,6 +91,7 @@ from densepure_core.stats import (
     ABSTAIN,
     _as_counts,
     _check_alpha,
+    _check_binomial,
     _check_sigma,
     certified_radius,
     clopper_pearson_lower,
@@ -276,13 +277,7 @@ def _betabin_bounds(s: np.ndarray, n: np.ndarray, alpha: np.ndarray, a: float, b
 def _prepare(n_a: ArrayLike, n: ArrayLike, alpha: ArrayLike, bound: str,
              params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Validated, broadcast (n_a, n, per-element alpha of the look, params)."""
-    n_a, n = _as_counts(n_a, "n_a"), _as_counts(n, "n")
-    alpha = _check_alpha(alpha)
-    if np.any(n < 1):
-        raise ValueError(f"n must be >= 1, got a minimum of {n.min()}")
-    n_a, n, alpha = np.broadcast_arrays(n_a, n, alpha)
-    if np.any(n_a > n):
-        raise ValueError("n_a must be <= n for every element")
+    n_a, n, alpha = _check_binomial(n_a, n, alpha)
     params = _check_params(bound, params)
     if bound == "staged":
         looks = np.asarray(params["looks"], dtype=np.int64)

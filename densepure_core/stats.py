@@ -99,6 +99,19 @@ def _as_rows(x: ArrayLike, name: str) -> np.ndarray:
 # bounds and radii
 # --------------------------------------------------------------------------------------------
 
+def _check_binomial(n_a: ArrayLike, n: ArrayLike, alpha: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated, broadcast (n_a, n, alpha) of a binomial bound: 0 <= n_a <= n, n >= 1, alpha in (0, 1)."""
+    n_a = _as_counts(n_a, "n_a")
+    n = _as_counts(n, "n")
+    alpha = _check_alpha(alpha)
+    if np.any(n < 1):
+        raise ValueError(f"n must be >= 1, got a minimum of {n.min()}")
+    n_a, n, alpha = np.broadcast_arrays(n_a, n, alpha)
+    if np.any(n_a > n):
+        raise ValueError("n_a must be <= n for every element")
+    return n_a, n, alpha
+
+
 def clopper_pearson_lower(n_a: ArrayLike, n: ArrayLike, alpha: ArrayLike) -> np.ndarray:
     """One-sided (1 - alpha) Clopper-Pearson lower confidence bound of a binomial proportion.
 
@@ -120,14 +133,7 @@ def clopper_pearson_lower(n_a: ArrayLike, n: ArrayLike, alpha: ArrayLike) -> np.
     Raises:
         ValueError: naming ``n_a``, ``n`` or ``alpha`` when it is out of range.
     """
-    n_a = _as_counts(n_a, "n_a")
-    n = _as_counts(n, "n")
-    alpha = _check_alpha(alpha)
-    if np.any(n < 1):
-        raise ValueError(f"n must be >= 1, got a minimum of {n.min()}")
-    n_a, n, alpha = np.broadcast_arrays(n_a, n, alpha)
-    if np.any(n_a > n):
-        raise ValueError("n_a must be <= n for every element")
+    n_a, n, alpha = _check_binomial(n_a, n, alpha)
     zero = n_a == 0
     # Beta(0, .) is degenerate (betaincinv returns NaN): feed a dummy 1 and overwrite with 0.
     a = np.where(zero, 1, n_a).astype(np.float64)

@@ -1,15 +1,8 @@
 """Load the two models of a run: a diffusion UNet (the purifier's denoiser) and a timm classifier.
 
-Diffusion models are diffusers ``UNet2DModel`` + ``DDPMScheduler`` folders, from
-
-- a local directory, flat (``config.json``, ``diffusion_pytorch_model.safetensors`` and
-  ``scheduler_config.json`` side by side) or pipeline layout (``unet/`` and ``scheduler/``);
-- ``s3://bucket/prefix``: copied once into a local cache (``~/.cache/densepure/s3/<sha>``),
-  re-copied only when the remote files change; endpoint and credentials come from
-  ``storage_options`` (passed to ``s3fs.S3FileSystem``, e.g. ``{"endpoint_url": ...}``) or
-  from the standard AWS environment (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``,
-  ``AWS_ACCESS_KEY_ID``, ``AWS_DEFAULT_REGION``, ...);
-- a Hugging Face Hub id ``org/name`` (honours ``HF_HUB_OFFLINE`` and the hub cache).
+Diffusion models are diffusers ``UNet2DModel`` + ``DDPMScheduler`` folders, from a local
+directory, ``s3://bucket/prefix`` (cached locally) or a Hugging Face Hub id
+(:mod:`densepure_core.models.diffusion` says how each is read).
 
 Classifiers are timm models: a timm name with pretrained weights, ``hf-hub:org/name``,
 ``local-dir:/path`` (timm's ``save_for_hf`` format) or a checkpoint file plus ``model_name``.
