@@ -27,8 +27,18 @@ DENSEPURE = str(Path(sys.executable).parent / "densepure")
 CERT_COLUMNS = ["image_id", "sigma", "method", "label", "prediction", "n_a", "n", "p_a_lower", "radius", "correct"]
 
 
+def _parent(pid):
+    try:  # /proc/PID/stat: "pid (comm) state ppid ..."; comm may contain spaces
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def processes_named(fragment):
-    """PIDs whose command line (Ray sets it to the actor's title) contains ``fragment`` (Linux /proc)."""
+    """PIDs of this test's descendants whose command line (Ray sets it to the actor's title)
+    contains ``fragment`` (Linux /proc). Only descendants: another Ray cluster on the machine
+    (a user's run, a benchmark) is never touched."""
+    me = os.getpid()
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -36,7 +46,12 @@ def processes_named(fragment):
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if fragment in cmdline:
+            if fragment not in cmdline:
+                continue
+            pid = int(entry)
+            while pid > 1 and pid != me:
+                pid = _parent(pid)
+            if pid == me:
                 pids.append(int(entry))
     return pids
 
