@@ -542,9 +542,9 @@ def sequential_certify(sample: Callable[[int], ArrayLike], n0: int, n_max: int, 
     for look in schedule:
         while n < look:
             m = min(batch, look - n)
-            lab = _draw(sample, m)
-            est.append(lab)
-            n_a += int(np.count_nonzero(lab == c_a))
+            batch_labels = _draw(sample, m)
+            est.append(batch_labels)
+            n_a += int(np.count_nonzero(batch_labels == c_a))
             n += m
         taken.append(n)
         lower = float(anytime_lower_bound(n_a, n, alpha, bound, **full))
