@@ -187,3 +187,14 @@ def test_a_run_killed_mid_shard_resumes_without_double_counting(tmp_path, monkey
     result = aggregate(cfg.out, alpha=0.01, expected={(0.25, "rs"): len(a)})
     assert result.images == len(a)
     assert np.all([r["n"] == r["n_used"] for r in b.values()])
+
+
+def test_report_says_adaptive_rows_use_the_anytime_bound(tmp_path):
+    from tasks.report import write_report
+
+    write_votes(str(tmp_path / "a"), adaptive_table())
+    aggregate(str(tmp_path / "a"), alpha=0.01)
+    assert "anytime-valid" in write_report(str(tmp_path / "a"))
+    write_votes(str(tmp_path / "f"), make_votes(4, n0=10, n=100))
+    aggregate(str(tmp_path / "f"), alpha=0.01)
+    assert "anytime-valid" not in write_report(str(tmp_path / "f"))
