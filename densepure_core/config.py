@@ -38,6 +38,7 @@ __all__ = [
     "DiffusionConfig",
     "ClassifierConfig",
     "MethodConfig",
+    "AdaptiveConfig",
     "CertifyConfig",
     "load_config",
     "apply_overrides",
@@ -234,6 +235,55 @@ class MethodConfig(_Strict):
         return self.kind
 
 
+class AdaptiveConfig(_Strict):
+    """Settings of ``sampling: adaptive`` (docs/sequential.md; densepure_core/sequential.py).
+
+    ``bound``: the anytime-valid bound (``staged``: Clopper-Pearson at geometric looks with
+    ``ratio``, alpha split ``split``; ``betabin``: Robbins' mixture with prior ``a``, ``b``,
+    a look every ``batch``). ``batch``: estimation copies per look step (the first look).
+    ``stop: false`` turns the stopping rule off (exactly n_max copies: fixed CERTIFY's counts).
+    ``alpha`` and ``radii`` steer the stopping rule only (default: the run's ``alpha`` and
+    ``radii``); they decide where an image stops, so they are part of an adaptive run's hash,
+    but never the certificate's validity (re-certify at any alpha with ``densepure sql``).
+    """
+
+    bound: Literal["staged", "betabin"] = votes("staged")
+    batch: int = votes(100, ge=1)
+    ratio: float = votes(1.5, gt=1.0)
+    split: Literal["equal", "late"] = votes("equal")
+    a: float = votes(0.5, gt=0.0)
+    b: float = votes(0.5, gt=0.0)
+    stop: bool = votes(True)
+    alpha: float | None = votes(None, gt=0.0, lt=1.0)
+    radii: list[float] | None = votes(None)
+
+    @field_validator("radii")
+    @classmethod
+    def _radii(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(r < 0 for r in v) or sorted(v) != v):
+            raise ValueError(f"adaptive.radii must be non-empty, non-negative and ascending (got {v})")
+        return v
+
+    def bound_params(self, n_max: int) -> dict[str, Any]:
+        """The bound's parameters as stored with the votes (``bound_params``)."""
+        from densepure_core.sequential import geometric_looks
+
+        if self.bound == "betabin":
+            return {"a": float(self.a), "b": float(self.b)}
+        looks = geometric_looks(self.batch, n_max, self.ratio) if self.stop else (n_max,)
+        return {"looks": [int(v) for v in looks], "split": self.split}
+
+    def schedule(self, n_max: int) -> tuple[int, ...]:
+        """The looks at which the rule is consulted (the last is n_max)."""
+        from densepure_core.sequential import batch_looks
+
+        if not self.stop:
+            return (int(n_max),)
+        if self.bound == "betabin":
+            return batch_looks(self.batch, n_max)
+        return tuple(self.bound_params(n_max)["looks"])
+
+
 class CertifyConfig(_Strict):
     """A whole certification job. Written, resolved, next to every result (OUT/config.yaml)."""
 
@@ -249,6 +299,13 @@ class CertifyConfig(_Strict):
     sigmas: list[float] = votes(..., min_length=1)
     n0: int = votes(100, ge=1)
     n: int = votes(10_000, ge=1)
+    # sampling: fixed is Cohen's CERTIFY (n estimation copies); adaptive draws up to n_max
+    # (default n) in looks and stops each image early (docs/sequential.md). For sampling: fixed
+    # these three fields are left out of the hash (they change no vote), so hashes of fixed runs
+    # are those of the releases before adaptive sampling existed.
+    sampling: Literal["fixed", "adaptive"] = votes("fixed")
+    n_max: int | None = votes(None, ge=1, description="adaptive: the most estimation copies (default n)")
+    adaptive: AdaptiveConfig = votes(AdaptiveConfig())
     # alpha and radii are applied to the stored counts at aggregation (and can be changed later
     # with `densepure sql --alpha`): they never change a vote.
     alpha: float = operational(0.001, gt=0.0, lt=1.0)
@@ -314,6 +371,19 @@ class CertifyConfig(_Strict):
         return self
 
     # -- derived --------------------------------------------------------------------------
+    @property
+    def budget(self) -> int:
+        """The most estimation copies of an image: n (fixed) or n_max (adaptive, default n)."""
+        return self.n if self.sampling == "fixed" or self.n_max is None else int(self.n_max)
+
+    def stop_alpha(self) -> float:
+        """The alpha the adaptive stopping rule uses (``adaptive.alpha``, default ``alpha``)."""
+        return float(self.alpha if self.adaptive.alpha is None else self.adaptive.alpha)
+
+    def stop_radii(self) -> list[float]:
+        """The radius grid the adaptive stopping rule uses (``adaptive.radii``, default ``radii``)."""
+        return list(self.radii if self.adaptive.radii is None else self.adaptive.radii)
+
     def classifier_for(self, method: MethodConfig, sigma: float) -> ClassifierConfig:
         return (method.classifier or self.classifier).for_sigma(sigma)
 
@@ -337,6 +407,13 @@ class CertifyConfig(_Strict):
 
     def _hash_payload(self, stream_version: int) -> dict[str, Any]:
         fields = _vote_dump(self)
+        if self.sampling == "fixed":  # none of them changes a vote: the pre-adaptive payload
+            for name in ("sampling", "n_max", "adaptive"):
+                del fields[name]
+        else:  # the stopping rule's alpha and grid decide where images stop: resolved here
+            fields["n_max"] = self.budget
+            fields["adaptive"]["alpha"] = self.stop_alpha()
+            fields["adaptive"]["radii"] = [float(r) for r in self.stop_radii()]
         if stream_version == 1:
             if fields.get("noise_device") == "cpu":
                 del fields["noise_device"]

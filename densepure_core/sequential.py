@@ -99,6 +99,7 @@ from densepure_core.stats import (
 
 __all__ = [
     "BOUNDS",
+    "FIXED_BOUND",
     "DEFAULT_BOUND",
     "STOP_REASONS",
     "SequentialResult",
@@ -115,6 +116,9 @@ __all__ = [
 ]
 
 BOUNDS = ("staged", "betabin")
+#: The bound name stored with fixed-sampling votes: Clopper-Pearson at a fixed n
+#: (:func:`densepure_core.stats.clopper_pearson_lower`); never valid for adaptive rows.
+FIXED_BOUND = "clopper-pearson"
 DEFAULT_BOUND = "staged"
 SPLITS = ("late", "equal")
 #: Stop-reason codes of :func:`stop_reasons` (index = code); code 0 means "continue".

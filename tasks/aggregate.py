@@ -40,8 +40,9 @@ from densepure_core.stats import ABSTAIN
 from . import storage
 from .aggregate_checks import AggregateError, PartitionSummary, _apply_expected, check_votes
 from .aggregate_sql import (
-    _BASE_SQL,
     _certificates_from_base,
+    base_sql,
+    with_sampling_columns,
     accuracy_sql,
     certificates_sql,
     check_alpha,
@@ -164,8 +165,10 @@ def build_tables(con: duckdb.DuckDBPyConnection, files: Sequence[str], *, alpha:
     register_udfs(con)
 
     t0 = time.perf_counter()
+    source = votes_sql(files, filename=True)
+    columns = [r[0] for r in con.sql(f"DESCRIBE SELECT * FROM {source}").fetchall()]
     con.execute("CREATE OR REPLACE TEMP TABLE base AS "
-                + _BASE_SQL.format(source=votes_sql(files, filename=True), extra=", filename"))
+                + base_sql(with_sampling_columns(source, columns), extra=", filename"))
     timings["read_votes"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

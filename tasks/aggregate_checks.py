@@ -13,7 +13,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+import json
+
 import duckdb
+
+from densepure_core import sequential
 
 from .layout import names, parse_vote_path
 
@@ -78,7 +82,32 @@ _CONTRACT_CHECKS: dict[str, tuple[str, str]] = {
                   "label < -1 OR label >= classes0"),
     "bad_sigma": ("rows whose sigma is not a finite positive number",
                   "NOT (sigma > 0) OR isinf(sigma)"),
+    # fixed rows: n_used = n = n_max and Clopper-Pearson; adaptive rows: n_used = n <= n_max and
+    # an anytime-valid bound (never Clopper-Pearson at a data-dependent n)
+    "bad_sampling": ("rows whose sampling, n_used, n_max or bound disagree (docs/schema.md)",
+                     "sampling NOT IN ('fixed', 'adaptive') OR n_used <> n OR n_max < n_used"
+                     f" OR (sampling = 'fixed' AND (bound <> '{sequential.FIXED_BOUND}' OR n_max <> n))"
+                     " OR (sampling = 'adaptive' AND bound NOT IN ("
+                     + ", ".join(f"'{b}'" for b in sequential.BOUNDS) + "))"),
 }
+
+
+def _check_bound_params(con: duckdb.DuckDBPyConnection, source: str) -> None:
+    """Every adaptive row's bound parameters are valid JSON that the bound accepts at its n_used
+    (a staged bound only at one of its looks), so certificates never fail half-way."""
+    bad = []
+    for bound, params, used in con.sql(
+            f"SELECT bound, bound_params, list(DISTINCT n_used) FROM {source} "
+            "WHERE sampling = 'adaptive' GROUP BY ALL ORDER BY ALL").fetchall():
+        try:
+            sequential.anytime_lower_bound(0, used, 0.5, bound, **json.loads(params))
+        except (ValueError, TypeError) as exc:
+            bad.append(f"bound={bound} bound_params={params}: {exc}")
+    if bad:
+        raise AggregateError(
+            f"the vote files break the data contract (docs/schema.md): adaptive rows whose bound "
+            f"cannot be evaluated: {names(bad)}. Re-vote those shards (delete the files and resume "
+            "the run).")
 
 
 def check_votes(con: duckdb.DuckDBPyConnection, source: str = "base") -> list[PartitionSummary]:
@@ -110,6 +139,8 @@ def check_votes(con: duckdb.DuckDBPyConnection, source: str = "base") -> list[Pa
             f"the vote files break the data contract (docs/schema.md): {summary}. First files "
             f"with {what}: {names([e[0] for e in examples])}. Re-vote those shards "
             "(delete the files and resume the run); the vote stage must write tasks.layout.VOTES_SCHEMA.")
+
+    _check_bound_params(con, source)
 
     # Directory names are for people and pruning; the columns decide. They must agree, or a
     # file was copied into the wrong partition.

@@ -17,9 +17,11 @@ import math
 from collections.abc import Iterable, Sequence
 
 from densepure_core.config import DEFAULT_RADII
+from densepure_core.sequential import FIXED_BOUND
 from densepure_core.stats import ABSTAIN
 
 __all__ = [
+    "SAMPLING_DEFAULTS",
     "votes_sql",
     "certificates_sql",
     "accuracy_sql",
@@ -47,8 +49,27 @@ def votes_sql(files: Sequence[str], *, filename: bool = False) -> str:
     if not files:
         raise ValueError("votes_sql needs at least one file")
     listed = ", ".join(_sql_str(f) for f in files)
-    return (f"read_parquet([{listed}], hive_partitioning = false"
+    # union_by_name: files written before the sampling columns existed read them as NULL
+    # (_BASE_SQL reads NULL as a fixed row, SAMPLING_DEFAULTS)
+    return (f"read_parquet([{listed}], hive_partitioning = false, union_by_name = true"
             f"{', filename = true' if filename else ''})")
+
+
+#: The sampling columns of VOTES_SCHEMA and the value a fixed-sampling row has, as SQL over the
+#: row (``n`` is the row's n column). Vote files written before these columns existed hold only
+#: fixed-sampling votes, so a missing or NULL value reads as this (docs/schema.md).
+SAMPLING_DEFAULTS: dict[str, str] = {
+    "sampling": "'fixed'", "n_used": "n", "n_max": "n", "bound": f"'{FIXED_BOUND}'", "bound_params": "'{}'",
+}
+
+
+def with_sampling_columns(source: str, columns: Sequence[str]) -> str:
+    """``source`` with the sampling columns it lacks (``columns``: the ones it has) added as NULL."""
+    missing = [c for c in SAMPLING_DEFAULTS if c not in columns]
+    if not missing:
+        return source
+    added = ", ".join(f"NULL AS {c}" for c in missing)
+    return f"(SELECT *, {added} FROM {source})"
 
 
 # ------------------------------------------------------------------------------------------
@@ -61,7 +82,8 @@ SELECT run_id, config_hash, image_id, label, sigma, method, n0, n AS n_column,
        list_sum(counts0)::BIGINT AS sum0, list_sum(counts)::BIGINT AS n,
        least(list_min(counts0), list_min(counts)) AS min_count,
        pos - 1 AS top,                -- 0-based class index
-       counts[pos]::BIGINT AS n_a
+       counts[pos]::BIGINT AS n_a,
+       {sampling}
        {extra}
 FROM (
     -- list_position returns the FIRST position of the maximum: ties go to the lowest class
@@ -94,8 +116,14 @@ def certificates_sql(alpha: float, source: str = "votes") -> str:
         >>> con = connect("results/run1")  # doctest: +SKIP
         >>> con.sql(certificates_sql(0.01)).df()  # doctest: +SKIP
     """
-    base = "(" + _BASE_SQL.format(source=source, extra="") + ")"
+    base = "(" + base_sql(source) + ")"
     return _certificates_from_base(alpha, base)
+
+
+def base_sql(source: str, extra: str = "") -> str:
+    """``_BASE_SQL`` over ``source`` (which must have the sampling columns, NULL allowed)."""
+    sampling = ",\n       ".join(f"coalesce({c}, {d}) AS {c}" for c, d in SAMPLING_DEFAULTS.items())
+    return _BASE_SQL.format(source=source, extra=extra, sampling=sampling)
 
 
 def _certificates_from_base(alpha: float, source: str) -> str:
@@ -103,9 +131,15 @@ def _certificates_from_base(alpha: float, source: str) -> str:
     a = check_alpha(alpha)
     return f"""
 WITH bounds AS (
-    SELECT sigma, n_a, n, p_a_lower, smoothing_radius(sigma, p_a_lower) AS r
-    FROM (SELECT sigma, n_a, n, cp_lower(n_a, n, {a!r}) AS p_a_lower
-          FROM (SELECT DISTINCT sigma, n_a, n FROM {source}))
+    -- fixed rows: Clopper-Pearson at n; adaptive rows: their anytime-valid bound at n = n_used
+    -- with the stored parameters (never the fixed-n Clopper-Pearson bound)
+    SELECT sigma, n_a, n, sampling, bound, bound_params, p_a_lower,
+           smoothing_radius(sigma, p_a_lower) AS r
+    FROM (SELECT sigma, n_a, n, sampling, bound, bound_params,
+                 CASE WHEN sampling = 'adaptive'
+                      THEN anytime_lower(n_a, n, {a!r}, bound, bound_params)
+                      ELSE cp_lower(n_a, n, {a!r}) END AS p_a_lower
+          FROM (SELECT DISTINCT sigma, n_a, n, sampling, bound, bound_params FROM {source}))
 )
 SELECT s.run_id, s.image_id, s.sigma, s.method, s.label::INTEGER AS label,
        (CASE WHEN b.p_a_lower >= 0.5 THEN s.top ELSE {ABSTAIN} END)::INTEGER AS prediction,
@@ -113,8 +147,10 @@ SELECT s.run_id, s.image_id, s.sigma, s.method, s.label::INTEGER AS label,
        CASE WHEN b.p_a_lower >= 0.5 THEN b.r ELSE 0.0 END AS radius,
        -- an unknown label (-1) makes correctness unknown, never "abstained == label"
        CASE WHEN s.label < 0 THEN NULL ELSE (b.p_a_lower >= 0.5 AND s.top = s.label) END
-           AS correct
+           AS correct,
+       s.sampling, s.bound
 FROM {source} s JOIN bounds b ON s.sigma = b.sigma AND s.n_a = b.n_a AND s.n = b.n
+     AND s.sampling = b.sampling AND s.bound = b.bound AND s.bound_params = b.bound_params
 ORDER BY s.sigma, s.method, s.image_id
 """
 

@@ -60,6 +60,14 @@ VOTES_SCHEMA = pa.schema([
     pa.field("worker", pa.string(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),
     pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    # sampling (docs/schema.md): fixed rows: n_used = n = n_max, bound "clopper-pearson", "{}";
+    # adaptive rows: n_used = n <= n_max, the anytime bound ("staged", "betabin") and its JSON
+    # parameters. Files written before these columns existed are read as fixed rows.
+    pa.field("sampling", pa.string(), nullable=False),
+    pa.field("n_used", pa.int32(), nullable=False),
+    pa.field("n_max", pa.int32(), nullable=False),
+    pa.field("bound", pa.string(), nullable=False),
+    pa.field("bound_params", pa.string(), nullable=False),
 ])
 """One row per image in ``OUT/votes/sigma=<s>/method=<m>/shard=<id>.parquet``."""
 
@@ -76,6 +84,8 @@ CERTIFICATES_SCHEMA = pa.schema([
     ("p_a_lower", pa.float64()),
     ("radius", pa.float64()),
     ("correct", pa.bool_()),  # NULL where the label is unknown (-1)
+    ("sampling", pa.string()),  # from the votes: "fixed" or "adaptive"
+    ("bound", pa.string()),  # the bound p_a_lower is: "clopper-pearson", "staged", "betabin"
 ])
 """``OUT/tables/certificates.parquet``: CERTIFY per image, sorted by (sigma, method, image_id)."""
 

@@ -180,6 +180,10 @@ def write_report(out: str, *, title: str | None = None) -> str:
         meta = con.sql("""
             SELECT list(DISTINCT alpha ORDER BY alpha), list(DISTINCT run_id ORDER BY run_id)
             FROM certificates""").fetchall()[0]
+        # certificates published before the sampling columns existed are all fixed CERTIFY
+        cert_columns = {d[0] for d in con.sql("SELECT * FROM certificates LIMIT 0").description}
+        adaptive = "sampling" in cert_columns and bool(con.sql(
+            "SELECT count(*) FROM certificates WHERE sampling = 'adaptive'").fetchall()[0][0])
         abst = {(s, m): (images, abstained) for s, m, images, abstained in con.sql("""
             SELECT sigma, method, count(*), count(*) FILTER (WHERE prediction = -1)
             FROM certificates GROUP BY ALL""").fetchall()}
@@ -203,6 +207,9 @@ def write_report(out: str, *, title: str | None = None) -> str:
     lines.append(f"- run: {', '.join(f'`{r}`' for r in runs)}")
     lines.append(f"- alpha: {', '.join(f'{a:g}' for a in alphas)} (one-sided Clopper-Pearson, "
                  "CERTIFY of Cohen et al. 2019)")
+    if adaptive:
+        lines.append("- sampling: adaptive rows are certified with their anytime-valid bound at "
+                     "n_used (docs/sequential.md); `n` below is the range of copies used")
     if summary:
         lines.append(f"- aggregated: {summary.get('created_at', '?')}, "
                      f"{summary.get('images', '?')} images from {summary.get('files', '?')} "

@@ -1,4 +1,4 @@
-"""DuckDB statistics UDFs: Clopper-Pearson bound, normal quantile, radius, binomial test.
+"""DuckDB statistics UDFs: Clopper-Pearson and anytime bounds, normal quantile, radius, binomial test.
 
 DuckDB has no inverse-Beta, inverse-normal or exact binomial test, so :func:`register_udfs`
 adds them as Arrow UDFs backed by ``densepure_core.stats`` (scipy.special underneath). Each
@@ -10,6 +10,7 @@ connection, :func:`tasks.query.connect` on the read-only results connection.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import duckdb
@@ -17,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 from scipy import special
 
-from densepure_core import stats
+from densepure_core import sequential, stats
 
 __all__ = ["UDFS", "register_udfs"]
 
@@ -36,6 +37,18 @@ def _cp_lower(n_a, n, alpha):
     return pa.array(stats.clopper_pearson_lower(_np(n_a), _np(n), _np(alpha)), pa.float64())
 
 
+def _anytime_lower(n_a, n, alpha, bound, bound_params):
+    """sequential.anytime_lower_bound per row, with each row's bound and JSON parameters."""
+    n_a, n, alpha = _np(n_a), _np(n), _np(alpha).astype(np.float64)
+    bounds = np.asarray(bound.to_pylist(), dtype=object)
+    params = np.asarray(bound_params.to_pylist(), dtype=object)
+    out = np.empty(n.shape, dtype=np.float64)
+    for b, p in set(zip(bounds.tolist(), params.tolist())):
+        rows = (bounds == b) & (params == p)
+        out[rows] = sequential.anytime_lower_bound(n_a[rows], n[rows], alpha[rows], b, **json.loads(p))
+    return pa.array(out, pa.float64())
+
+
 def _norm_ppf(p):
     return pa.array(special.ndtri(_np(p).astype(np.float64)), pa.float64())
 
@@ -52,6 +65,10 @@ UDFS: dict[str, tuple[Any, list[str], str, str]] = {
     "cp_lower": (_cp_lower, ["BIGINT", "BIGINT", "DOUBLE"], "DOUBLE",
                  "cp_lower(n_a, n, alpha): one-sided (1 - alpha) Clopper-Pearson lower bound "
                  "of n_a / n (0 when n_a = 0)"),
+    "anytime_lower": (_anytime_lower, ["BIGINT", "BIGINT", "DOUBLE", "VARCHAR", "VARCHAR"], "DOUBLE",
+                      "anytime_lower(n_a, n_used, alpha, bound, bound_params): the anytime-valid lower "
+                      "bound of adaptive sampling (densepure_core.sequential.anytime_lower_bound; "
+                      "bound 'staged' or 'betabin', bound_params its JSON parameters)"),
     "norm_ppf": (_norm_ppf, ["DOUBLE"], "DOUBLE",
                  "norm_ppf(p): the standard normal quantile Phi^-1(p) (scipy.special.ndtri)"),
     "smoothing_radius": (_smoothing_radius, ["DOUBLE", "DOUBLE"], "DOUBLE",

@@ -13,6 +13,7 @@ Ray's task retries and a rerun after a crash never duplicate or lose an image.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -29,7 +30,8 @@ import torch
 
 from densepure_core.config import CertifyConfig, MethodConfig, resolve_source
 from densepure_core.data.sources import DatasetError, load_image
-from densepure_core.smoothing import EngineOptions, SmoothedBaseClassifier, prefetch
+from densepure_core.sequential import FIXED_BOUND
+from densepure_core.smoothing import AdaptivePlan, EngineOptions, SmoothedBaseClassifier, prefetch
 
 from . import storage
 from .errors import publish_shard_errors
@@ -245,7 +247,10 @@ class VoteWorker:
         # Images stream through one engine: the next image's copies fill the slots the current
         # one frees, and the next images load in a background thread while the device works.
         images = prefetch((load(rec) for rec in task.records), depth=self.cfg.prefetch)
-        results = sbc.certify_many(images, self.cfg.n0, self.cfg.n, errors="return")
+        adaptive = AdaptivePlan.from_config(self.cfg, task.sigma) if self.cfg.sampling == "adaptive" else None
+        bound = adaptive.bound if adaptive else FIXED_BOUND
+        bound_params = json.dumps(adaptive.params if adaptive else {}, sort_keys=True)
+        results = sbc.certify_many(images, self.cfg.n0, self.cfg.n, errors="return", adaptive=adaptive)
         for rec, res in zip(task.records, results):
             exc = res.error
             if exc is not None:
@@ -265,10 +270,12 @@ class VoteWorker:
                 "run_id": task.run_id, "config_hash": task.config_hash, "image_id": rec.image_id,
                 "label": rec.label, "sigma": float(task.sigma), "method": task.method,
                 "t_star": -1 if t_star is None else int(t_star), "k": method.k, "steps": method.steps,
-                "n0": self.cfg.n0, "n": self.cfg.n, "counts0": res.counts0.tolist(), "counts": res.counts.tolist(),
+                "n0": self.cfg.n0, "n": res.n_used, "counts0": res.counts0.tolist(), "counts": res.counts.tolist(),
                 "unet_calls": res.stats.unet_calls, "classifier_calls": res.stats.classifier_calls,
                 "seconds": res.stats.seconds, "worker": self.worker, "seed": self.cfg.seed,
                 "created_at": datetime.now(timezone.utc),
+                "sampling": self.cfg.sampling, "n_used": res.n_used, "n_max": self.cfg.budget,
+                "bound": bound, "bound_params": bound_params,
             })
             unet += res.stats.unet_calls
             clf += res.stats.classifier_calls

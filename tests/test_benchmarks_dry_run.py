@@ -55,3 +55,17 @@ def test_gpu_benchmark_refuses_a_missing_gpu():
         pytest.skip("has a GPU")
     with pytest.raises(SystemExit, match="no CUDA device"):
         load("gpu_models").main(["--sections", "matmul"])
+
+
+def test_adaptive_benchmark_dry_run(capsys):
+    out = load("adaptive").main(["--dry-run", "--methods", "rs", "dds", "densepure"])
+    results = out["results"]
+    assert {m for _, m, _ in results} == {"rs", "dds", "densepure"}
+    for (sigma, method, mode), res in results.items():
+        assert len(res["n_used"]) == 3
+        if mode == "fixed":
+            assert (res["n_used"] == 60).all()
+        else:
+            assert (res["n_used"] <= 60).all()
+    line = last_line(capsys)
+    assert line["dry_run"] == "True" and 0 < float(line["rs_s0.5_adaptive-grid_copies_ratio"]) <= 1

@@ -32,12 +32,13 @@ import torch
 
 from densepure_core.rng import NOISE_DEVICES
 
+from .adaptive import AdaptivePlan, AdaptiveState
 from .executor import DeviceExecutor
 from .options import EngineOptions
 from .prefetch import prefetch
 from .scheduler import ImageJob, NonFiniteOutputError, VoteScheduler, VoteStats, majority_decided
 
-__all__ = ["VoteStats", "CertifiedImage", "SmoothedBaseClassifier", "EngineOptions", "NonFiniteOutputError",
+__all__ = ["VoteStats", "CertifiedImage", "AdaptivePlan", "AdaptiveState", "SmoothedBaseClassifier", "EngineOptions", "NonFiniteOutputError",
            "majority_decided", "prefetch", "NOISE_DEVICES"]
 
 
@@ -54,6 +55,8 @@ class CertifiedImage:
             (images overlap in the stream, so these do not add up to the total).
         error: with ``errors="return"``: the exception that stopped this image (its loading
             error, or :class:`NonFiniteOutputError`); the counts are then all zero. Else None.
+        adaptive: with adaptive sampling, where the image stopped (n_used, n_a, the bounds,
+            the stop reason, the looks); None for fixed sampling.
     """
 
     image_id: str
@@ -62,6 +65,12 @@ class CertifiedImage:
     stats: VoteStats
     seconds: float
     error: BaseException | None = None
+    adaptive: AdaptiveState | None = None
+
+    @property
+    def n_used(self) -> int:
+        """Estimation copies drawn (n for fixed sampling)."""
+        return int(self.counts.sum())
 
 
 class SmoothedBaseClassifier:
@@ -136,7 +145,7 @@ class SmoothedBaseClassifier:
         return self._count(labels[:n0]), self._count(labels[n0:]), stats
 
     def certify_many(self, images: Iterable[tuple[str, torch.Tensor | BaseException]], n0: int, n: int,
-                     *, errors: str = "raise") -> Iterator[CertifiedImage]:
+                     *, errors: str = "raise", adaptive: AdaptivePlan | None = None) -> Iterator[CertifiedImage]:
         """:meth:`selection_and_estimation` for a stream of images, yielded in input order.
 
         Copies of the next image fill the slots that the current image's decided copies free,
@@ -150,14 +159,19 @@ class SmoothedBaseClassifier:
             errors: ``"raise"``: a loading exception or NaN/Inf logits stop the stream;
                 ``"return"``: that image is yielded with ``error`` set (and zero counts), its
                 rows are dropped, and the other images go on unaffected.
+            adaptive: adaptive sampling (:class:`AdaptivePlan`; its n0 must equal ``n0``, and
+                ``n`` is ignored: up to ``adaptive.n_max`` estimation copies, in looks). An
+                image's copies are those of fixed CERTIFY, ``counts`` over the first n_used.
         """
         if errors not in ("raise", "return"):
             raise ValueError(f"errors={errors!r}: expected 'raise' or 'return'")
-        jobs = (self._job(image_id, x01, range(n0 + n), errors) for image_id, x01 in images)
+        if adaptive is not None and adaptive.n0 != n0:
+            raise ValueError(f"adaptive.n0 = {adaptive.n0} differs from n0 = {n0}")
+        jobs = (self._job(image_id, x01, range(n0 + n), errors, adaptive) for image_id, x01 in images)
         for job in self.scheduler.run(jobs, self.executor, isolate=errors == "return"):
             labels = job.labels if job.error is None else np.zeros(0, dtype=np.int64)
             yield CertifiedImage(job.image_id, self._count(labels[:n0]), self._count(labels[n0:]), job.stats,
-                                 job.finished - job.started, job.error)
+                                 job.finished - job.started, job.error, job.info)
 
     # -- the base classifier ------------------------------------------------------------------
     def labels(self, x01: torch.Tensor, image_id: str, copies: range | list[int],
@@ -178,11 +192,18 @@ class SmoothedBaseClassifier:
     def _count(self, labels: np.ndarray) -> np.ndarray:
         return np.bincount(labels, minlength=self.num_classes).astype(np.int64)
 
-    def _job(self, image_id: str, x01, copies, errors: str = "raise") -> ImageJob:
+    def _job(self, image_id: str, x01, copies, errors: str = "raise", adaptive: AdaptivePlan | None = None
+             ) -> ImageJob:
         if isinstance(x01, BaseException):
             if errors == "raise":
                 raise x01
             return ImageJob.failed(image_id, x01)
         if x01.ndim != 3:
             raise ValueError(f"image {image_id!r}: x01 must be [C, H, W], got shape {tuple(x01.shape)}")
-        return ImageJob.of(image_id, x01.to(self.device, torch.float32), tuple(x01.shape), copies)
+        if adaptive is not None:
+            copies = adaptive.first_copies()
+        job = ImageJob.of(image_id, x01.to(self.device, torch.float32), tuple(x01.shape), copies)
+        if adaptive is not None:
+            job.info = AdaptiveState()
+            job.extend = lambda j: adaptive.next_copies(j.labels, j.info)
+        return job

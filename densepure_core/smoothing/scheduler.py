@@ -7,6 +7,11 @@ stay full; copies of the next image fill the slots the current image frees, so t
 half-empty tail per image either. A row's result depends only on its ids (image, copy, vote),
 never on the batch it lands in, so none of this changes a count.
 
+Images whose copies come in looks (adaptive sampling, ``ImageJob.extend``): when every copy
+opened so far is decided, ``extend(job)`` returns the next copies (or none: the image is done).
+While an image waits for its look, the next images' copies fill the free slots, so several
+images feed the slots at once (oldest first); results are still yielded in input order.
+
 Exact early exit: after m of K votes, the leader L cannot be overtaken when every other label y
 has count[y] + (K - m) < count[L], or equality with L first seen before y. The remaining votes
 are skipped (``VoteStats.votes_skipped``); the label is the one all K votes would give.
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,7 +69,9 @@ class ImageJob:
 
     ``image`` is opaque here (the backend's device tensor); ``shape`` is its shape (None for an
     image that failed before it started). ``labels[p]`` is the base classifier's label of copy
-    ``copies[p]``, -1 until decided.
+    ``copies[p]``, -1 until decided. ``extend`` (adaptive sampling): called when every copy in
+    ``copies`` is decided; returns the next copies to vote, or an empty sequence when the image
+    is done. ``info``: the caller's per-image state (opaque here).
     """
 
     image_id: str
@@ -79,6 +86,20 @@ class ImageJob:
     uid: int = -1
     started: float = 0.0
     finished: float = 0.0
+    extend: Callable[["ImageJob"], Sequence[int]] | None = None
+    info: Any = None
+
+    @property
+    def done(self) -> bool:
+        """Every copy decided and no more to come (or failed)."""
+        return self.undecided == 0 and (self.extend is None or self.error is not None)
+
+    def add_copies(self, copies: Sequence[int]) -> None:
+        """Append copies to vote (adaptive sampling's next look)."""
+        copies = [int(j) for j in copies]
+        self.copies += copies
+        self.labels = np.concatenate([self.labels, np.full(len(copies), -1, dtype=np.int64)])
+        self.undecided += len(copies)
 
     @classmethod
     def failed(cls, image_id: str, error: BaseException) -> "ImageJob":
@@ -183,10 +204,14 @@ class VoteScheduler:
         fixed_shape: run every batch over all ``batch_size`` rows (free slots are padding).
         unet_calls_per_row: the purifier's denoiser calls per vote (for the call counts).
         model_name: names the model in :class:`NonFiniteOutputError` messages.
+        max_images: the most images in flight or waiting to be yielded in order (default
+            2 batch_size + 2); bounds the memory of images held while an earlier one finishes.
     """
 
     def __init__(self, batch_size: int, num_classes: int, votes: int, *, early_exit: bool = True,
-                 fixed_shape: bool = False, unet_calls_per_row: int = 0, model_name: str = "model"):
+                 fixed_shape: bool = False, unet_calls_per_row: int = 0, model_name: str = "model",
+                 max_images: int | None = None):
+        self.max_images = int(max_images) if max_images else 2 * int(batch_size) + 2
         self.batch_size = int(batch_size)
         self.num_classes = int(num_classes)
         self.votes = int(votes)
@@ -203,18 +228,29 @@ class VoteScheduler:
         """
         slots = _Slots(self.batch_size, self.num_classes)
         live: dict[int, ImageJob] = {}
-        order: deque[ImageJob] = deque()
-        feeding: ImageJob | None = None  # the job whose copies are being opened
+        order: deque[ImageJob] = deque()  # admitted jobs, input order, until yielded
         held: ImageJob | None = None  # the next job, pulled but not yet admitted
         exhausted = False
         shape: tuple[int, ...] | None = None  # the rows' shape in the backend's buffer
         uid = 0
         self._clock = time.perf_counter()  # the end of the previous batch (see VoteStats.seconds)
         while True:
-            # 1. Open copies into the free slots, pulling the next image when one runs out.
+            # 0. Looks: a job whose copies are all decided gets its next copies (or is done).
+            for job in order:
+                if job.undecided == 0 and job.extend is not None and job.error is None:
+                    more = job.extend(job)
+                    if len(more):
+                        job.add_copies(more)
+                    else:
+                        job.extend = None
+            # 1. Open copies into the free slots: the oldest job with unopened copies first,
+            #    pulling the next image when none has any.
             free = slots.free()
             while free.size:
-                if feeding is None or feeding.next_pos >= len(feeding.copies):
+                feeding = next((j for j in order if j.next_pos < len(j.copies)), None)
+                if feeding is None:
+                    if len(order) >= self.max_images:
+                        break
                     if held is None and not exhausted:
                         held = next(jobs, None)
                         exhausted = held is None
@@ -225,17 +261,17 @@ class VoteScheduler:
                             break  # another image size: let the current rows drain first
                         backend.use_shape(held.shape)
                         shape = held.shape
-                    feeding, held = held, None
-                    feeding.uid, uid = uid, uid + 1
-                    feeding.started = feeding.finished = time.perf_counter()
-                    live[feeding.uid] = feeding
-                    order.append(feeding)
+                    job, held = held, None
+                    job.uid, uid = uid, uid + 1
+                    job.started = job.finished = time.perf_counter()
+                    live[job.uid] = job
+                    order.append(job)
                     continue
                 take = min(free.size, len(feeding.copies) - feeding.next_pos)
                 self._open(feeding, slots, backend, free[:take])
                 free = free[take:]
             # 2. Hand back finished jobs, in input order.
-            while order and order[0].undecided == 0:
+            while order and order[0].done:
                 job = order.popleft()
                 del live[job.uid]
                 yield job

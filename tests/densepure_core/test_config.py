@@ -18,6 +18,7 @@ from densepure_core.config import (
     load_config,
     resolve_source,
     unclassified_fields,
+    AdaptiveConfig,
 )
 from densepure_core.rng import STREAM_VERSION
 
@@ -116,12 +117,16 @@ class Undeclared(DatasetConfig):
 
 def test_vote_classification_is_the_documented_one():
     declared = {name for name in CertifyConfig.model_fields if determines_votes(CertifyConfig, name)}
+    adaptive = {"sampling", "n_max", "adaptive"}
     assert declared == {"dataset", "diffusion", "classifier", "methods", "sigmas", "n0", "n", "seed",
-                        "precision", "t_star_rule", "shard_size", "noise_device"}
-    for model in (DatasetConfig, DiffusionConfig, ClassifierConfig, MethodConfig):
+                        "precision", "t_star_rule", "shard_size", "noise_device"} | adaptive
+    for model in (DatasetConfig, DiffusionConfig, ClassifierConfig, MethodConfig, AdaptiveConfig):
         assert all(determines_votes(model, name) for name in model.model_fields), model
     cfg = load_config(data=base())
-    assert set(cfg.vote_fields()) == declared | {"stream_version"}
+    # sampling: fixed leaves the adaptive fields out of the payload (they change no vote)
+    assert set(cfg.vote_fields()) == (declared - adaptive) | {"stream_version"}
+    ada = load_config(data=base(), overrides=["sampling=adaptive"])
+    assert set(ada.vote_fields()) == declared | {"stream_version"}
     # nested models contribute their votes fields, as JSON values
     assert cfg.vote_fields()["methods"][2] == {"kind": "densepure", "name": None, "k": 5, "steps": 2,
                                               "classifier": None}
@@ -153,6 +158,37 @@ def test_stream_version_is_in_the_hash_and_version_1_is_the_old_payload():
     assert cfg.config_hash(stream_version=1) == "3be7b3315c5652d6"
     device = load_config(data=base(), overrides=["noise_device=device"])
     assert device.config_hash(stream_version=1) == "8558b7c1f167a306"
+
+
+def test_fixed_hashes_are_pinned_and_ignore_the_adaptive_fields():
+    """Hashes of sampling: fixed runs are those of the code before adaptive sampling existed."""
+    pinned = {(): "9c71dc4d510902af", ("noise_device=device",): "0c0f7957d034a4ce",
+              ("n=999",): "4959e14541ac8c33"}
+    for overrides, digest in pinned.items():
+        assert load_config(data=base(), overrides=list(overrides)).config_hash() == digest
+    same = ["n_max=5", "adaptive.bound=betabin", "adaptive.alpha=0.01", "sampling=fixed"]
+    assert load_config(data=base(), overrides=same).config_hash() == "9c71dc4d510902af"
+
+
+def test_adaptive_hash_covers_the_stopping_rule():
+    ada = ["sampling=adaptive"]
+    h = load_config(data=base(), overrides=ada).config_hash()
+    assert h != load_config(data=base()).config_hash()
+    # the rule's alpha and grid default to the run's and decide where images stop
+    assert h != load_config(data=base(), overrides=ada + ["alpha=0.01"]).config_hash()
+    assert h != load_config(data=base(), overrides=ada + ["radii=[0.0,1.0]"]).config_hash()
+    assert h == load_config(data=base(), overrides=ada + ["alpha=0.01", "adaptive.alpha=0.001"]).config_hash()
+    # n_max defaults to n: spelling it out is the same run
+    assert h == load_config(data=base(), overrides=ada + ["n_max=10000"]).config_hash()
+    for other in ["n_max=500", "adaptive.bound=betabin", "adaptive.batch=50", "adaptive.stop=false",
+                  "adaptive.split=late", "adaptive.ratio=2"]:
+        assert h != load_config(data=base(), overrides=ada + [other]).config_hash(), other
+    assert h == load_config(data=base(), overrides=ada + ["batch_size=3"]).config_hash()
+    cfg = load_config(data=base(), overrides=ada + ["n_max=1000", "adaptive.batch=100"])
+    assert cfg.budget == 1000 and cfg.adaptive.schedule(1000)[-1] == 1000
+    assert cfg.adaptive.bound_params(1000) == {"looks": [100, 200, 300, 500, 800, 1000], "split": "equal"}
+    with pytest.raises(ConfigError, match="adaptive.radii"):
+        load_config(data=base(), overrides=ada + ["adaptive.radii=[1.0,0.5]"])
 
 
 def test_sigma_template_and_bundled_sources():

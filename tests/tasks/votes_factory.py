@@ -103,7 +103,9 @@ def make_votes(num_images: int, num_classes: int = 10, *, sigma: float = 0.25,
                counts0: Sequence[Sequence[int]] | np.ndarray | None = None,
                counts: Sequence[Sequence[int]] | np.ndarray | None = None,
                seconds: float | Sequence[float] = 1.0, t_star: int = 145, k: int = 1,
-               steps: int = 1, worker: str = "worker-0") -> pa.Table:
+               steps: int = 1, worker: str = "worker-0", sampling: str = "fixed",
+               n_max: int | None = None, bound: str | None = None,
+               bound_params: str = "{}") -> pa.Table:
     """Vote rows of one (sigma, method) partition, in :data:`VOTES_SCHEMA`.
 
     Args:
@@ -119,6 +121,8 @@ def make_votes(num_images: int, num_classes: int = 10, *, sigma: float = 0.25,
         image_ids, labels: explicit ids / labels (-1 = unknown) instead of generated ones.
         counts0, counts: explicit ``[N, C]`` counts instead of synthetic ones (both or neither).
         seconds: per-image seconds (scalar or one per image).
+        sampling, n_max, bound, bound_params: the sampling columns (default: fixed rows,
+            n_max = n, bound "clopper-pearson"); n_used is always sum(counts).
 
     Returns:
         A pyarrow Table with exactly :data:`VOTES_SCHEMA`.
@@ -176,6 +180,12 @@ def make_votes(num_images: int, num_classes: int = 10, *, sigma: float = 0.25,
         "seed": pa.array(np.full(num_images, seed, dtype=np.int64)),
         "created_at": pa.array(np.full(num_images, CREATED_AT.replace(tzinfo=None),
                                        dtype="datetime64[us]"), pa.timestamp("us", tz="UTC")),
+        "sampling": pa.array(np.full(num_images, sampling, dtype=object), pa.string()),
+        "n_used": pa.array(n_col),
+        "n_max": pa.array(n_col if n_max is None else np.full(num_images, n_max, dtype=np.int32)),
+        "bound": pa.array(np.full(num_images, bound or ("clopper-pearson" if sampling == "fixed" else "staged"),
+                                  dtype=object), pa.string()),
+        "bound_params": pa.array(np.full(num_images, bound_params, dtype=object), pa.string()),
     }
     return pa.Table.from_arrays([columns[f.name] for f in VOTES_SCHEMA], schema=VOTES_SCHEMA)
 
