@@ -111,6 +111,7 @@ __all__ = [
     "anytime_lower_bound",
     "anytime_upper_bound",
     "stop_reasons",
+    "evaluate_look",
     "simulate_sequential",
     "sequential_certify",
 ]
@@ -486,6 +487,25 @@ def _draw(sample: Callable[[int], Any], m: int) -> np.ndarray:
     return out.astype(np.int64)
 
 
+def evaluate_look(n_a: int, n: int, alpha: float, sigma: float, radii: ArrayLike, n_max: int,
+                  schedule: Sequence[int], bound: str = DEFAULT_BOUND, stop: bool = True,
+                  **params: Any) -> tuple[float, float, int]:
+    """One look: (lower, upper, stop code) for nA of n estimation copies.
+
+    The one place where a look is evaluated, by :func:`sequential_certify` and by the engine
+    (``smoothing/adaptive.py``). ``schedule``: the looks the rule may still reach (as in
+    :func:`stop_reasons`). The code indexes :data:`STOP_REASONS` (0: continue); with ``stop``
+    off the only stop is n_max.
+    """
+    lower = float(anytime_lower_bound(n_a, n, alpha, bound, **params))
+    upper = float(anytime_upper_bound(n_a, n, alpha, bound, **params))
+    if stop:
+        code = int(stop_reasons(n_a, n, lower, upper, alpha, sigma, radii, n_max, schedule, bound, **params))
+    else:
+        code = _NMAX if n >= n_max else _CONTINUE
+    return lower, upper, code
+
+
 def sequential_certify(sample: Callable[[int], ArrayLike], n0: int, n_max: int, alpha: float,
                        sigma: float, radii: ArrayLike, batch: int, *, bound: str = DEFAULT_BOUND,
                        stop: bool = True, num_classes: int | None = None,
@@ -551,14 +571,10 @@ def sequential_certify(sample: Callable[[int], ArrayLike], n0: int, n_max: int, 
             n_a += int(np.count_nonzero(batch_labels == c_a))
             n += m
         taken.append(n)
-        lower = float(anytime_lower_bound(n_a, n, alpha, bound, **full))
-        upper = float(anytime_upper_bound(n_a, n, alpha, bound, **full))
-        if stop:
-            code = int(stop_reasons(n_a, n, lower, upper, alpha, sigma, radii, n_max, looks,
-                                    bound, **full))
-            if code != _CONTINUE:
-                reason = code
-                break
+        lower, upper, code = evaluate_look(n_a, n, alpha, sigma, radii, n_max, looks, bound, stop, **full)
+        if code != _CONTINUE:
+            reason = code
+            break
 
     labels = np.concatenate(est)
     size = max(int(labels0.max()), int(labels.max())) + 1

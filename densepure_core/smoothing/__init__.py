@@ -200,10 +200,10 @@ class SmoothedBaseClassifier:
             return ImageJob.failed(image_id, x01)
         if x01.ndim != 3:
             raise ValueError(f"image {image_id!r}: x01 must be [C, H, W], got shape {tuple(x01.shape)}")
-        if adaptive is not None:
-            copies = adaptive.first_copies()
-        job = ImageJob.of(image_id, x01.to(self.device, torch.float32), tuple(x01.shape), copies)
-        if adaptive is not None:
-            job.info = AdaptiveState()
-            job.extend = lambda j: adaptive.next_copies(j.labels, j.info)
+        x01 = x01.to(self.device, torch.float32)
+        if adaptive is None:
+            return ImageJob.of(image_id, x01, tuple(x01.shape), copies)
+        job = ImageJob.of(image_id, x01, tuple(x01.shape), adaptive.first_copies())
+        job.info = AdaptiveState()
+        job.extend = lambda j: adaptive.next_copies(j.labels, j.info)
         return job

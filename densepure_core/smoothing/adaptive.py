@@ -1,7 +1,6 @@
 """Adaptive sampling in the engine: which copies an image needs next, from its labels so far.
 
-The rule and the bounds are :mod:`densepure_core.sequential`'s (``anytime_lower_bound``,
-``anytime_upper_bound``, ``stop_reasons``); this module only maps an engine job's labels
+The rule and the bounds are :mod:`densepure_core.sequential`'s (``evaluate_look``); this module only maps an engine job's labels
 (copies 0..n0-1: selection; n0..: estimation, in copy order) onto them. An image starts with
 its n0 selection copies and the estimation copies up to the first look; when every copy up to
 a look is decided, :meth:`AdaptivePlan.next_copies` consults the rule and either stops the image
@@ -89,23 +88,13 @@ class AdaptivePlan:
         n = labels.size - self.n0
         c_a = int(np.argmax(np.bincount(labels[:self.n0])))  # ties to the lowest class
         n_a = int(np.count_nonzero(labels[self.n0:] == c_a))
-        lower = float(sequential.anytime_lower_bound(n_a, n, self.alpha, self.bound, **self.params))
-        upper = float(sequential.anytime_upper_bound(n_a, n, self.alpha, self.bound, **self.params))
+        lower, upper, code = sequential.evaluate_look(n_a, n, self.alpha, self.sigma, self.radii, self.n_max,
+                                                      self.schedule, self.bound, self.stop, **self.params)
         state.n_used, state.n_a, state.lower, state.upper = n, n_a, lower, upper
         state.looks.append(n)
-        code = 0
-        if self.stop:
-            code = int(sequential.stop_reasons(n_a, n, lower, upper, self.alpha, self.sigma, self.radii,
-                                               self.n_max, self.schedule, self.bound, **self.params))
-        elif n >= self.n_max:
-            code = sequential.STOP_REASONS.index("n_max")
         if code:
             state.stop_reason = sequential.STOP_REASONS[code]
             return range(0)
         nxt = next(m for m in self.schedule if m > n)
         return range(self.n0 + n, self.n0 + nxt)
-
-    def describe(self) -> dict[str, Any]:
-        """What the vote rows record: bound name and parameters."""
-        return {"bound": self.bound, "bound_params": dict(self.params), "n_max": self.n_max}
 
