@@ -516,11 +516,14 @@ def resolve_config_path(path: str | Path):
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                data: dict | None = None) -> CertifyConfig:
+                data: dict | None = None, model: type[BaseModel] | None = None) -> CertifyConfig:
     """Read YAML (or take ``data``), apply overrides, validate. Raises ConfigError.
 
-    ``path``: a YAML file, or a packaged preset (:func:`resolve_config_path`).
+    ``path``: a YAML file, or a packaged preset (:func:`resolve_config_path`). ``model``: the
+    config type (default :class:`CertifyConfig`; ``densepure attack`` passes
+    :class:`densepure_core.attack_config.AttackConfig`).
     """
+    model = model or CertifyConfig
     origin = str(path) if path else "<dict>"
     if data is None:
         if path is None:
@@ -532,7 +535,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     data = apply_overrides(json.loads(json.dumps(data)), overrides or [])
+    if isinstance(data, dict):  # the other job's config: say which command runs it
+        if model is CertifyConfig and data.get("job") == "attack":
+            raise ConfigError(f"{origin} is an attack evaluation config (job: attack): run it with "
+                              f"`densepure attack --config {origin}`")
+        if model is not CertifyConfig and "job" not in data and "methods" in data:
+            raise ConfigError(f"{origin} is a certification config (it has methods and no 'job: attack'): run it "
+                              f"with `densepure certify --config {origin}`")
     try:
-        return CertifyConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, origin)) from None

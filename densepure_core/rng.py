@@ -53,6 +53,7 @@ __all__ = [
     "REVERSE",
     "NOISE_DEVICES",
     "derive_seed",
+    "row_generator",
     "NoiseSource",
     "RowNoise",
     "StagedNoise",
@@ -101,6 +102,12 @@ def _generator(seed: int) -> np.random.Generator:
     (Not ``torch.Generator.manual_seed``: its CPU engine keeps only the low 32 bits.)
     """
     return np.random.Generator(np.random.Philox(key=int(seed)))
+
+
+def row_generator(seed: int) -> np.random.Generator:
+    """The CPU stream of one row (:func:`_generator`), for draws other than normals (e.g. the
+    uniform random start of an attack)."""
+    return _generator(seed)
 
 
 def _host_buffer(shape: Sequence[int], device: torch.device, zero: bool) -> torch.Tensor:

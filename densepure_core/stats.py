@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy import special
-from scipy.stats import binom
+from scipy.stats import binom, norm
 
 __all__ = [
     "ABSTAIN",
@@ -43,6 +43,7 @@ __all__ = [
     "certified_accuracy",
     "high_probability_certified_accuracy",
     "max_certifiable_radius",
+    "wilson_interval",
 ]
 
 ABSTAIN = -1  # the prediction recorded when CERTIFY or PREDICT abstains
@@ -479,3 +480,41 @@ def high_probability_certified_accuracy(accuracy: ArrayLike, num_images: int, al
     else:
         raise ValueError(f"bound must be 'bernstein' or 'cohen', got {bound!r}")
     return np.maximum(acc - correction, 0.0)
+
+
+def wilson_interval(successes: ArrayLike, n: ArrayLike, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson's score interval for a proportion: the attack evaluation's accuracy intervals.
+
+    With z = Phi^-1((1 + confidence) / 2) and p = successes / n::
+
+        center = (p + z^2 / (2n)) / (1 + z^2 / n)
+        half   = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / (4 n^2))
+
+    the interval is [center - half, center + half], within [0, 1]. It is what
+    ``scipy.stats.binomtest(k, n).proportion_ci(confidence, method="wilson")`` returns for integer
+    k (tests pin the two together); here ``successes`` may be fractional, as for the mean rule
+    of :mod:`densepure_core.attack.scoring` (a sum of per-image fractions). Rows with n = 0 give
+    NaN.
+
+    Args:
+        successes: in [0, n], any shape (broadcast with ``n``).
+        n: trials (images), >= 0.
+        confidence: two-sided level in (0, 1).
+
+    Returns:
+        (low, high), float64 arrays of the broadcast shape.
+    """
+    k = np.asarray(successes, dtype=np.float64)
+    m = np.asarray(n, dtype=np.float64)
+    if not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    if np.any(m < 0) or np.any(k < 0) or np.any(k > m):
+        raise ValueError("need 0 <= successes <= n")
+    z = float(norm.ppf((1.0 + float(confidence)) / 2.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = k / m
+        denom = 1.0 + z * z / m
+        center = (p + z * z / (2.0 * m)) / denom
+        half = z / denom * np.sqrt(p * (1.0 - p) / m + z * z / (4.0 * m * m))
+        low, high = np.clip(center - half, 0.0, 1.0), np.clip(center + half, 0.0, 1.0)
+    return np.where(m > 0, low, np.nan), np.where(m > 0, high, np.nan)

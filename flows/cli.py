@@ -1,6 +1,7 @@
 """The ``densepure`` command line (typer). Every command has ``--help``.
 
     densepure certify [--config FILE|PRESET] [--out DIR|s3://b/p] [--ray-address ADDR] [--set k=v ...]
+    densepure attack [--config FILE|PRESET] [--out DIR|s3://b/p] [--ray-address ADDR] [--set k=v ...]
     densepure sql OUT "SELECT ..." [--alpha A] [--format table|csv|json]
     densepure report OUT
     densepure export-tsv OUT [--dest DIR]
@@ -30,6 +31,8 @@ _register_models(app)
 #: The config of `densepure certify` without --config: a preset shipped as package data
 #: (densepure_core/configs/default.yaml, read with importlib.resources; config.packaged_config).
 DEFAULT_CONFIG = "default"
+#: The config of `densepure attack` without --config (densepure_core/configs/attack_default.yaml).
+DEFAULT_ATTACK_CONFIG = "attack_default"
 
 
 @app.callback()
@@ -79,12 +82,15 @@ def _quiet_console_tracebacks() -> None:
             handler.addFilter(_NoTraceback())
 
 
-def _load(config: Path | None, overrides: list[str]):
+def _load(config: Path | None, overrides: list[str], *, attack: bool = False):
     from densepure_core.config import ConfigError, load_config, packaged_config
 
-    path = config or packaged_config(DEFAULT_CONFIG)
+    model = None
+    if attack:
+        from densepure_core.attack_config import AttackConfig as model
+    path = config or packaged_config(DEFAULT_ATTACK_CONFIG if attack else DEFAULT_CONFIG)
     try:
-        return load_config(path, overrides)
+        return load_config(path, overrides, model=model)
     except ConfigError as exc:
         _fail(str(exc))
 
@@ -126,14 +132,52 @@ def certify(
 
 
 @app.command()
+def attack(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config file or packaged preset name "
+                                "(attack_cifar10, attack_imagenet); default: the packaged 'attack_default' "
+                                "(bundled digits models and data)."),
+    out: str = typer.Option(None, "--out", "-o", help="Output directory or s3://bucket/prefix (default: the config's out)."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (default: local Ray on loopback)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field: key=value (dotted keys, YAML values)."),
+):
+    """Attack evaluation of purification defenses: PGD-EOT with exact gradients, deterministic
+    white-box and BPDA, scored over M purifications; rows per (image, defense, threat, attack)."""
+    cfg = _load(config, set_, attack=True)
+    from flows.attack import run_attack_job
+    from tasks.plan import PlanError
+
+    _quiet_console_tracebacks()
+    out = out or cfg.out
+    typer.echo(f"densepure attack: run '{cfg.run_name}' -> {out} ({len(cfg.defenses)} defenses x "
+               f"{len(cfg.threats)} threats x {len(cfg.attacks)} attacks = {len(cfg.partitions())} partitions, "
+               f"M={cfg.score_purifications})", err=True)
+    try:
+        result = run_attack_job(cfg, out=out, ray_address=ray_address)
+    except Exception as exc:  # noqa: BLE001 - every failure ends as one clear message, no traceback
+        cause = _root_cause(exc)
+        known = isinstance(cause, (PlanError, ValueError, OSError, FloatingPointError))
+        _fail(str(cause) if known else f"{type(cause).__name__}: {cause}", 1)
+    timings = "  ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items())
+    typer.echo(f"stages: {timings}  (computed {result['computed_shards']} shards, "
+               f"{result['skipped_shards']} already complete)", err=True)
+    if result.get("quarantined"):
+        typer.echo(f"warning: {result['quarantined']} image-partition(s) quarantined; see the errors table "
+                   f"(densepure sql {out} \"SELECT * FROM errors\")", err=True)
+    typer.echo(result["report"])
+    typer.echo(f"results: {out}  (query them: densepure sql {out} \"SELECT * FROM attack_summary\")", err=True)
+
+
+@app.command()
 def sql(
     out: str = typer.Argument(..., help="A results directory or s3:// prefix."),
-    query: str = typer.Argument(..., help="SQL over the views votes, certificates, accuracy."),
+    query: str = typer.Argument(..., help="SQL over the views votes, certificates, accuracy (certify) or "
+                                          "attacks, attack_summary (attack), and errors."),
     alpha: float = typer.Option(None, "--alpha", help="Re-certify from the stored counts at this alpha (no GPU)."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
 ):
-    """Query results with DuckDB (read-only): views votes, certificates, accuracy, plus UDFs
-    cp_lower(n_a, n, alpha), norm_ppf(p), smoothing_radius(sigma, p), binom_pvalue(c1, c2)."""
+    """Query results with DuckDB (read-only): views votes, certificates, accuracy (certify), attacks,
+    attack_summary (attack), errors, plus UDFs cp_lower(n_a, n, alpha), norm_ppf(p),
+    smoothing_radius(sigma, p), binom_pvalue(c1, c2), wilson_low/wilson_high(successes, n, confidence)."""
     from tasks.query import run_query
 
     if fmt not in ("table", "csv", "json"):
@@ -146,10 +190,11 @@ def sql(
 
 @app.command()
 def report(out: str = typer.Argument(..., help="A results directory or s3:// prefix.")):
-    """Rebuild OUT/report.md and the certified-accuracy plot from the stored tables."""
+    """Rebuild OUT/report.md (and, for a certification, the plot) from the stored results."""
+    from tasks.attack_summary import is_attack_out, write_attack_report
     from tasks.report import write_report
 
-    typer.echo(write_report(out))
+    typer.echo(write_attack_report(out) if is_attack_out(out) else write_report(out))
 
 
 @app.command("export-tsv")
@@ -184,10 +229,25 @@ def config_show(
                                 "(default: the packaged 'default')."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: key=value."),
 ):
-    """Validate a config and print it resolved, with its config_hash."""
-    cfg = _load(config, set_)
+    """Validate a config (certify, or attack when it says job: attack) and print it resolved, with its config_hash."""
+    cfg = _load(config, set_, attack=_is_attack_config(config))
     typer.echo(cfg.to_yaml())
     typer.echo(f"# config_hash: {cfg.config_hash()}")
+
+
+def _is_attack_config(config: Path | None) -> bool:
+    """Whether ``config`` (a file or preset) says ``job: attack``."""
+    if config is None:
+        return False
+    import yaml
+
+    from densepure_core.config import ConfigError, resolve_config_path
+
+    try:
+        data = yaml.safe_load(resolve_config_path(config).read_text())
+    except (OSError, ConfigError, yaml.YAMLError):
+        return False  # load_config reports it
+    return isinstance(data, dict) and data.get("job") == "attack"
 
 
 def main() -> None:  # pragma: no cover

@@ -14,6 +14,13 @@ each other::
       report.md, certified_accuracy.png
       tsv/sigma=<s>_method=<m>.tsv
 
+    OUT/  (an attack evaluation, ``densepure attack``: config.yaml says ``job: attack``)
+      config.yaml, manifest.parquet, run.json                              the plan
+      attacks/defense=<d>/threat=<t>/attack=<a>/shard=<id>.parquet         ATTACKS_SCHEMA
+      attack_errors/defense=<d>/threat=<t>/attack=<a>/shard=<id>.parquet   ERRORS_SCHEMA
+      tables/attack_summary.parquet                                       ATTACK_SUMMARY_SCHEMA
+      report.md
+
 ``<s>`` is :func:`format_sigma` (``repr(float(sigma))``), ``<m>`` the method's name verbatim,
 ``<id>`` the shard number zero-padded to 5 digits.
 
@@ -34,6 +41,8 @@ __all__ = [
     "format_sigma", "shard_uri", "errors_uri", "tables_dir", "tables_uri", "votes_dir", "errors_dir",
     "parse_vote_path", "vote_files", "error_files", "tsv_name", "config_uri", "manifest_uri",
     "run_uri", "report_uri", "plot_uri", "tsv_dir", "names",
+    "ATTACKS_SCHEMA", "ATTACK_SUMMARY_SCHEMA", "attacks_dir", "attack_errors_dir", "attack_shard_uri",
+    "attack_errors_uri", "attack_files", "attack_error_files",
 ]
 
 # ------------------------------------------------------------------------------------------
@@ -107,6 +116,56 @@ ERRORS_SCHEMA = pa.schema([
 ])
 """``OUT/errors/sigma=<s>/method=<m>/shard=<id>.parquet``: one row per quarantined image."""
 
+ATTACKS_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("config_hash", pa.string(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("label", pa.int32(), nullable=False),
+    pa.field("defense", pa.string(), nullable=False),
+    pa.field("threat", pa.string(), nullable=False),
+    pa.field("norm", pa.string(), nullable=False),  # "linf" or "l2"
+    pa.field("eps", pa.float64(), nullable=False),
+    pa.field("attack", pa.string(), nullable=False),
+    pa.field("attack_kind", pa.string(), nullable=False),  # "pgd_eot", "dwbox", "bpda"
+    pa.field("t_star", pa.int32(), nullable=False),  # -1: no purification
+    pa.field("steps", pa.int32(), nullable=False),  # denoiser calls per purification (0: none)
+    pa.field("k", pa.int32(), nullable=False),  # purifications per prediction (majority)
+    pa.field("iterations", pa.int32(), nullable=False),
+    pa.field("eot", pa.int32(), nullable=False),  # purifications per gradient (x K), as run
+    pa.field("step_size", pa.float64(), nullable=False),
+    pa.field("random_start", pa.bool_(), nullable=False),
+    pa.field("gradient_calls", pa.int64(), nullable=False),
+    pa.field("unet_calls", pa.int64(), nullable=False),  # attack and scoring, recomputation included
+    pa.field("seconds", pa.float64(), nullable=False),
+    pa.field("linf", pa.float64(), nullable=False),  # the final perturbation's norms
+    pa.field("l2", pa.float64(), nullable=False),
+    pa.field("score_purifications", pa.int32(), nullable=False),  # M as scored (1: deterministic)
+    pa.field("clean_predictions", pa.list_(pa.int32()), nullable=False),  # [M]
+    pa.field("adv_predictions", pa.list_(pa.int32()), nullable=False),  # [M]
+    pa.field("clean_mean", pa.float64(), nullable=False),
+    pa.field("clean_majority", pa.bool_(), nullable=False),
+    pa.field("clean_worst", pa.bool_(), nullable=False),
+    pa.field("adv_mean", pa.float64(), nullable=False),
+    pa.field("adv_majority", pa.bool_(), nullable=False),
+    pa.field("adv_worst", pa.bool_(), nullable=False),
+    pa.field("worker", pa.string(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+"""One row per image in ``OUT/attacks/defense=<d>/threat=<t>/attack=<a>/shard=<id>.parquet``."""
+
+ATTACK_SUMMARY_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("defense", pa.string()), ("threat", pa.string()), ("attack", pa.string()),
+    ("rule", pa.string()),  # "mean", "majority", "worst"
+    ("images", pa.int64()),
+    ("clean_accuracy", pa.float64()), ("clean_low", pa.float64()), ("clean_high", pa.float64()),
+    ("robust_accuracy", pa.float64()), ("robust_low", pa.float64()), ("robust_high", pa.float64()),
+    ("confidence", pa.float64()),  # of the Wilson intervals
+    ("gradient_calls", pa.float64()), ("unet_calls", pa.float64()), ("seconds", pa.float64()),  # per image
+])
+"""``OUT/tables/attack_summary.parquet`` and the ``attack_summary`` view: robust accuracy per
+(defense, threat, attack, scoring rule) with Wilson score intervals over the images."""
+
 # ------------------------------------------------------------------------------------------
 # paths
 # ------------------------------------------------------------------------------------------
@@ -149,6 +208,41 @@ def shard_uri(out: str, sigma: float, method: str, shard: int) -> str:
 def errors_uri(out: str, sigma: float, method: str, shard: int) -> str:
     """``OUT/errors/sigma=<s>/method=<m>/shard=<id>.parquet``: one shard's quarantined images."""
     return _partition(errors_dir(out), sigma, method, shard)
+
+
+def attacks_dir(out: str) -> str:
+    """``OUT/attacks``."""
+    return storage.join(out, "attacks")
+
+
+def attack_errors_dir(out: str) -> str:
+    """``OUT/attack_errors``."""
+    return storage.join(out, "attack_errors")
+
+
+def _attack_partition(root: str, defense: str, threat: str, attack: str, shard: int) -> str:
+    return storage.join(root, f"defense={defense}", f"threat={threat}", f"attack={attack}",
+                        f"shard={int(shard):05d}.parquet")
+
+
+def attack_shard_uri(out: str, defense: str, threat: str, attack: str, shard: int) -> str:
+    """``OUT/attacks/defense=<d>/threat=<t>/attack=<a>/shard=<id>.parquet``: one shard's rows."""
+    return _attack_partition(attacks_dir(out), defense, threat, attack, shard)
+
+
+def attack_errors_uri(out: str, defense: str, threat: str, attack: str, shard: int) -> str:
+    """``OUT/attack_errors/defense=<d>/threat=<t>/attack=<a>/shard=<id>.parquet``: its quarantined images."""
+    return _attack_partition(attack_errors_dir(out), defense, threat, attack, shard)
+
+
+def attack_files(out: str) -> list[str]:
+    """Every attack shard under ``OUT/attacks``, sorted ([] when there are none)."""
+    return storage.list_files(attacks_dir(out), ".parquet")
+
+
+def attack_error_files(out: str) -> list[str]:
+    """Every errors file under ``OUT/attack_errors``, sorted."""
+    return storage.list_files(attack_errors_dir(out), ".parquet")
 
 
 def tables_dir(out: str) -> str:

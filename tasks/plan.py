@@ -150,12 +150,17 @@ def check_steps(cfg: CertifyConfig) -> dict[str, int]:
 
 def model_hashes(cfg: CertifyConfig) -> dict[str, dict[str, str]]:
     """sha256 of every weights file of the local models, by source (remote: the source only)."""
-    from densepure_core.models import file_sha256
-
     sources = {m_cfg.source for m_cfg in [cfg.classifier, *(m.classifier for m in cfg.methods if m.classifier)]}
     sources = {s.replace("{sigma}", format_sigma(sig)) if "{sigma}" in s else s for s in sources for sig in cfg.sigmas}
     if cfg.diffusion is not None:
         sources.add(cfg.diffusion.source)
+    return source_hashes(sources)
+
+
+def source_hashes(sources) -> dict[str, dict[str, str]]:
+    """{source: {weights file: sha256}} for local sources ({} for remote ones)."""
+    from densepure_core.models import file_sha256
+
     out = {}
     for source in sorted(sources):
         root = _local_dir(source)
@@ -195,7 +200,11 @@ def _check_same_run(cfg: CertifyConfig, out: str) -> None:
     cannot be completed with new ones. Its results stay readable; the run is not resumed.
     """
     stored_yaml = storage.read_text(storage.join(out, "config.yaml"))
-    stored = CertifyConfig.model_validate(yaml.safe_load(stored_yaml))
+    stored_data = yaml.safe_load(stored_yaml) or {}
+    if isinstance(stored_data, dict) and stored_data.get("job") == "attack":
+        raise PlanError(f"{out} holds an attack evaluation (densepure attack); a certification run needs its own "
+                        f"OUT: choose another --out")
+    stored = CertifyConfig.model_validate(stored_data)
     if storage.exists(run_uri(out)):  # absent: the plan was cut short before anything was voted
         run = json.loads(storage.read_text(run_uri(out)))
         recorded, version = run.get("config_hash"), run.get("stream_version")

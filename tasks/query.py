@@ -34,6 +34,7 @@ import pyarrow.fs as pafs
 
 from . import aggregate as agg
 from . import layout, storage
+from .attack_sql import SUMMARY_SQL
 from .aggregate_sql import check_alpha
 from .sqlfuncs import register_udfs
 from .textfmt import FORMATS, format_rows
@@ -113,8 +114,9 @@ def connect(out: str, *, alpha: float | None = None) -> duckdb.DuckDBPyConnectio
     if alpha is not None and not files:
         raise QueryError(f"alpha={alpha!r} re-certifies from the votes, but there are no vote "
                          f"files under {layout.votes_dir(out)}: check the OUT path")
-    if not files and not have_tables:
-        raise QueryError(f"nothing to query under {out}: no vote files and no "
+    attack_rows = layout.attack_files(out)
+    if not files and not have_tables and not attack_rows:
+        raise QueryError(f"nothing to query under {out}: no vote files, no attack rows and no "
                          "tables/certificates.parquet; check the path or run the pipeline")
 
     con = duckdb.connect(":memory:")
@@ -122,9 +124,12 @@ def connect(out: str, *, alpha: float | None = None) -> duckdb.DuckDBPyConnectio
         register_udfs(con)
         if files:
             con.register("votes", _dataset(files, fs, s3, layout.VOTES_SCHEMA))
-        errors = layout.error_files(out)
+        errors = layout.error_files(out) + layout.attack_error_files(out)
         if errors:
             con.register("errors", _dataset(errors, fs, s3, layout.ERRORS_SCHEMA))
+        if attack_rows:
+            con.register("attacks", _dataset(attack_rows, fs, s3, layout.ATTACKS_SCHEMA))
+            con.execute(f"CREATE VIEW attack_summary AS {SUMMARY_SQL}")
         if alpha is not None:
             radii = None
             if have_tables:  # keep the published grid, so the two tables compare row by row

@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ from .aggregate_sql import accuracy_sql
 from .errors import read_errors
 from .layout import plot_uri, report_uri, tables_uri, tsv_dir, tsv_name, votes_dir
 from .query import connect
-from .textfmt import text_table
+from .textfmt import markdown_table, text_table
 
 __all__ = ["REPORT_RADII", "TSV_HEADER", "ReportError", "write_report", "format_accuracy_table",
            "export_tsv"]
@@ -110,13 +110,6 @@ def format_accuracy_table(accuracy_rows: Iterable[Mapping[str, Any]] | pa.Table)
     align = "rlr" + "r" * len(radii)
     return "certified accuracy (%) at L2 radius r\n" + text_table(columns, body, footer=False,
                                                                   align=align)
-
-
-def _markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
-    rule = ["---:" if a == "r" else ":---" for a in align]
-    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join(rule) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,7 +230,7 @@ def write_report(out: str, *, title: str | None = None) -> str:
 
     radii, table = _pivot(acc_rows)
     lines += ["## Certified accuracy (%)", ""]
-    lines.append(_markdown_table(
+    lines.append(markdown_table(
         ["sigma", "method", "images"] + [f"r = {r:g}" for r in radii],
         [[f"{s:g}", m, str(n)] + [_pct(a) for a in accs] for s, m, n, accs in table],
         "rlr" + "r" * len(radii)))
@@ -262,7 +255,7 @@ def write_report(out: str, *, title: str | None = None) -> str:
         if (p["sigma"], p["method"]) not in abst:
             rows.append([f"{p['sigma']:g}", p["method"], "0", str(p["expected"]),
                          str(p["missing"])] + ["-"] * 9)
-    lines.append(_markdown_table(
+    lines.append(markdown_table(
         ["sigma", "method", "images", "expected", "missing", "abstained (%)", "n0", "n", "K",
          "S", "UNet calls / image", "classifier calls / image", "seconds / image",
          "total seconds"], rows, "rlrrrrrrrrrrrr"))

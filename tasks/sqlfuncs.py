@@ -1,4 +1,4 @@
-"""DuckDB statistics UDFs: Clopper-Pearson and anytime bounds, normal quantile, radius, binomial test.
+"""DuckDB statistics UDFs: Clopper-Pearson, anytime and Wilson bounds, normal quantile, radius, binomial test.
 
 DuckDB has no inverse-Beta, inverse-normal or exact binomial test, so :func:`register_udfs`
 adds them as Arrow UDFs backed by ``densepure_core.stats`` (scipy.special underneath). Each
@@ -61,6 +61,21 @@ def _binom_pvalue(c1, c2):
     return pa.array(stats.binomial_test_pvalue(_np(c1), _np(c2)), pa.float64())
 
 
+def _wilson_low(successes, n, confidence):
+    return pa.array(stats.wilson_interval(_np(successes), _np(n), _confidence(confidence))[0], pa.float64())
+
+
+def _wilson_high(successes, n, confidence):
+    return pa.array(stats.wilson_interval(_np(successes), _np(n), _confidence(confidence))[1], pa.float64())
+
+
+def _confidence(confidence) -> float:
+    values = np.unique(_np(confidence))
+    if len(values) != 1:
+        raise ValueError("wilson_low/wilson_high: the confidence must be one constant per query")
+    return float(values[0])
+
+
 UDFS: dict[str, tuple[Any, list[str], str, str]] = {
     "cp_lower": (_cp_lower, ["BIGINT", "BIGINT", "DOUBLE"], "DOUBLE",
                  "cp_lower(n_a, n, alpha): one-sided (1 - alpha) Clopper-Pearson lower bound "
@@ -77,6 +92,11 @@ UDFS: dict[str, tuple[Any, list[str], str, str]] = {
     "binom_pvalue": (_binom_pvalue, ["BIGINT", "BIGINT"], "DOUBLE",
                      "binom_pvalue(c1, c2): two-sided exact binomial test of c1 successes in "
                      "c1 + c2 trials at p = 0.5 (scipy.stats.binomtest)"),
+    "wilson_low": (_wilson_low, ["DOUBLE", "BIGINT", "DOUBLE"], "DOUBLE",
+                   "wilson_low(successes, n, confidence): the lower end of Wilson's score interval "
+                   "of successes / n (two-sided; successes may be fractional)"),
+    "wilson_high": (_wilson_high, ["DOUBLE", "BIGINT", "DOUBLE"], "DOUBLE",
+                    "wilson_high(successes, n, confidence): the upper end of Wilson's score interval"),
 }
 """name -> (function, parameter types, return type, one-line description)."""
 

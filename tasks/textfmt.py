@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["FORMATS", "format_rows", "text_table"]
+__all__ = ["FORMATS", "format_rows", "text_table", "markdown_table"]
 
 FORMATS = ("table", "csv", "json")
 
@@ -137,3 +137,11 @@ def _json_value(v: Any) -> Any:
     if isinstance(v, (bytes, bytearray)):
         return v.hex()
     return v
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
+    """A GitHub markdown table; ``align`` has one letter per column: ``r`` right, else left."""
+    rule = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

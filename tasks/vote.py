@@ -16,16 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from densepure_core.config import CertifyConfig, MethodConfig, resolve_source
@@ -35,9 +32,11 @@ from densepure_core.smoothing import AdaptivePlan, EngineOptions, SmoothedBaseCl
 
 from . import storage
 from .errors import publish_shard_errors
-from .faults import fault_point, record_driver_process_group
+from .faults import fault_point
 from .layout import VOTES_SCHEMA, error_files
 from .plan import Plan, ShardTask, check_labels
+from .raypool import run_on_actors
+from .shards import remove_stale_temporaries, shard_state
 
 __all__ = ["VoteWorker", "ShardResult", "BadInputError", "shard_is_complete", "remove_stale_temporaries",
            "run_vote_stage", "resolve_device", "PURIFIER_KIND"]
@@ -50,20 +49,6 @@ PURIFIER_KIND = {"rs": "none", "dds": "one_shot", "densepure": "densepure"}
 
 class BadInputError(ValueError):
     """A bad image or a bad model output under on_bad_input=fail; names the image and the fix."""
-
-
-def _read_ids(uri: str, config_hash: str) -> tuple[list[str] | None, str]:
-    """Image ids of a shard-level file written for ``config_hash``, or (None, why not)."""
-    try:
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=["config_hash", "image_id"])
-    except FileNotFoundError:
-        return None, "missing"
-    except Exception as exc:  # truncated or corrupt Parquet, unreadable object
-        return None, f"unreadable ({type(exc).__name__})"
-    hashes = set(table.column("config_hash").to_pylist())
-    if hashes and hashes != {config_hash}:
-        return None, f"written by another config ({sorted(hashes)})"
-    return table.column("image_id").to_pylist(), ""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -87,30 +72,13 @@ class ShardResult:
     quarantined: int = 0  # images recorded in the errors table (on_bad_input=quarantine)
 
 
-def _shard_state(task: ShardTask) -> tuple[bool, str, int]:
-    """(complete, reason, quarantined images) of ``task`` (see :func:`shard_is_complete`)."""
-    if not storage.exists(task.uri):
-        return False, "", 0
-    ids, why = _read_ids(task.uri, task.config_hash)
-    if ids is None:
-        return False, why, 0
-    quarantined: list[str] = []
-    if len(ids) < len(task.records):  # the rest may have been quarantined
-        quarantined, why = _read_ids(task.errors_uri, task.config_hash)
-        quarantined = quarantined or []
-    got = ids + quarantined
-    if sorted(got) != sorted(r.image_id for r in task.records) or len(got) != len(task.records):
-        return False, f"holds {len(ids)} rows (+{len(quarantined)} quarantined), expected {len(task.records)} images", 0
-    return True, "", len(quarantined)
-
-
 def shard_is_complete(task: ShardTask) -> tuple[bool, str]:
     """Whether ``task.uri`` holds exactly this shard's votes for this config.
 
     Returns (complete, reason). A missing file is (False, ""); a truncated/unreadable file, a
     file of another config or with other images is (False, reason): it will be recomputed.
     """
-    complete, reason, _ = _shard_state(task)
+    complete, reason, _ = shard_state(task)
     return complete, reason
 
 
@@ -222,7 +190,7 @@ class VoteWorker:
     def run_shard(self, task: ShardTask) -> ShardResult:
         """Certify one shard and publish its vote file; skip it if a valid file exists."""
         start = time.perf_counter()
-        complete, reason, quarantined = _shard_state(task)
+        complete, reason, quarantined = shard_state(task)
         if complete:
             if not quarantined:
                 _drop_stale_errors(task)
@@ -302,68 +270,14 @@ class VoteWorker:
                 f"center-crop every image")
 
 
-def _start_local_ray(num_cpus: int | None = None) -> None:
-    """Start Ray on loopback only (no dashboard; session files in a private temp dir)."""
-    # Without this Ray binds its services to the machine's non-loopback address. Ray reads the
-    # variable once, at import, into ray_constants (the driver) and again in every process it
-    # spawns (raylet, workers): set both, then verify.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-    from ray._private import ray_constants
-
-    # The driver's copy: Ray may have been imported before the line above (by another module, a
-    # test, a notebook), and then ray.init would read the stale value and bind Ray to the
-    # machine's address. This writes a private Ray constant, so it is done only on the Ray
-    # minor version it was verified on (requirements/lock.txt); on another one the name or its
-    # meaning may have changed and the write would silently do nothing.
-    verified = (2, 60)
-    installed = tuple(int(part) for part in re.findall(r"\d+", ray.__version__)[:2])
-    if installed != verified or not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
-        raise RuntimeError(
-            f"starting a local Ray on loopback is verified on Ray {verified[0]}.{verified[1]}.x only "
-            f"(it sets the private ray._private.ray_constants.ENABLE_RAY_CLUSTER); Ray {ray.__version__} is "
-            f"installed. Install the tested version (make setup; requirements/lock.txt), or start Ray "
-            f"yourself on loopback (ray start --head --node-ip-address=127.0.0.1 --include-dashboard=false) "
-            f"and pass --ray-address 127.0.0.1:6379")
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    record_driver_process_group()  # before Ray starts the processes that inherit the environment
-    temp_dir = os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="densepure-ray-")
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
-             _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
-    node_ip = ray.util.get_node_ip_address()
-    if node_ip != "127.0.0.1":
-        ray.shutdown()
-        raise RuntimeError(f"local Ray bound to {node_ip}, not loopback; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "
-                           f"before anything imports ray, or pass --ray-address to use a cluster")
-
-
-def remove_stale_temporaries(out: str) -> int:
-    """Delete the hidden ``.name.tmp-*`` files a killed writer left under a local OUT.
-
-    Safe because one certify runs per OUT at a time (the plan refuses a different config, and
-    two copies of the same config would write identical files). S3 never has temporaries.
-    """
-    if storage.is_s3(out) or not os.path.isdir(out):
-        return 0
-    removed = 0
-    for dirpath, _, names in os.walk(out):
-        for name in names:
-            if name.startswith(".") and ".tmp-" in name:
-                os.unlink(os.path.join(dirpath, name))
-                removed += 1
-    return removed
-
-
 def run_vote_stage(cfg: CertifyConfig, plan: Plan, *, ray_address: str | None = None,
                    on_result: Callable[[ShardResult], None] | None = None) -> list[ShardResult]:
     """Vote every missing shard of ``plan`` on a pool of Ray actors; returns one result per task.
 
     Local runs start Ray on loopback and shut it down afterwards; ``ray_address`` joins an
-    existing cluster instead. A killed actor is restarted and its task retried by Ray.
+    existing cluster instead. A killed actor is restarted and its task retried by Ray
+    (:func:`tasks.raypool.run_on_actors`).
     """
-    import ray
-    from ray.util import ActorPool
-
     removed = remove_stale_temporaries(plan.out)
     if removed:
         log.warning("removed %d temporary file(s) left by an interrupted write under %s", removed, plan.out)
@@ -372,7 +286,7 @@ def run_vote_stage(cfg: CertifyConfig, plan: Plan, *, ray_address: str | None = 
     todo = []
     any_errors = bool(error_files(plan.out))  # one listing; no per-shard check without errors
     for t in tasks:  # complete shards are skipped without starting any worker
-        complete, _, quarantined = _shard_state(t)
+        complete, _, quarantined = shard_state(t)
         if complete and any_errors and not quarantined:
             _drop_stale_errors(t)
         if complete:
@@ -385,37 +299,7 @@ def run_vote_stage(cfg: CertifyConfig, plan: Plan, *, ray_address: str | None = 
     if not todo:
         return results
 
-    started_here = False
-    if not ray.is_initialized():
-        if ray_address:
-            ray.init(address=ray_address, log_to_driver=False)
-        else:
-            _start_local_ray()
-        started_here = True
-    try:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        n_workers = cfg.workers or (gpus if gpus else 1)
-        n_workers = max(1, min(n_workers, len(todo)))
-        if gpus:
-            options = {"num_gpus": 1, "num_cpus": 1}
-            threads = None
-        else:
-            # Fractional CPUs: whole-CPU actors on 2 cores deadlock Ray's own tasks.
-            options = {"num_cpus": 0.5}
-            threads = max(1, cpus // n_workers)
-        actor_cls = ray.remote(max_restarts=3, max_task_retries=3)(VoteWorker)
-        config = cfg.model_dump(mode="json")
-        actors = [actor_cls.options(**options).remote(config, plan.num_classes, f"actor-{i}", threads)
-                  for i in range(n_workers)]
-        pool = ActorPool(actors)
-        for res in pool.map_unordered(lambda a, t: a.run_shard.remote(t), todo):
-            results.append(res)
-            if on_result:
-                on_result(res)
-        for a in actors:
-            ray.kill(a)
-    finally:
-        if started_here:
-            ray.shutdown()
+    config = cfg.model_dump(mode="json")
+    results += run_on_actors(VoteWorker, lambda name, threads: (config, plan.num_classes, name, threads),
+                             todo, "run_shard", workers=cfg.workers, ray_address=ray_address, on_result=on_result)
     return results

@@ -63,7 +63,7 @@ def test_tasks_imports_have_no_cycle():
 def test_leaves_import_nothing_above_them():
     graph = _graph()
     assert graph["textfmt"] == set() and graph["sqlfuncs"] == set()
-    assert graph["aggregate_sql"] == set()
+    assert graph["aggregate_sql"] == set() and graph["attack_sql"] == set()
     assert graph["layout"] <= {"storage", "faults"}
 
 
@@ -71,6 +71,11 @@ def test_vote_stage_does_not_import_the_aggregate_stage():
     graph = _graph()
     assert not {"aggregate", "aggregate_sql", "aggregate_checks"} & _reachable(graph, "vote")
     assert "query" not in _reachable(graph, "vote")
+
+
+def test_attack_stage_does_not_import_the_summary_or_aggregate_stages():
+    graph = _graph()
+    assert not {"aggregate", "query", "attack_summary", "report"} & _reachable(graph, "attack")
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:

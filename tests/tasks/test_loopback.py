@@ -6,7 +6,7 @@ import tempfile
 
 from netcheck import LOOPBACK, descendants, listening_addresses
 
-from tasks.vote import _start_local_ray
+from tasks.raypool import _start_local_ray
 
 def test_local_ray_listens_on_loopback_only(monkeypatch):
     import ray

@@ -5,7 +5,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray._private import ray_constants  # noqa: E402
 
-from tasks.vote import _start_local_ray  # noqa: E402
+from tasks.raypool import _start_local_ray  # noqa: E402
 
 
 class Reached(Exception):

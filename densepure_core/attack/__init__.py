@@ -1,0 +1,17 @@
+"""Attack evaluation of diffusion purification (reference.md section 4).
+
+One module per job: ``threat`` (the L_inf / L_2 balls and PGD's moves), ``defense`` (classifier,
+or purifier + classifier with K votes; exact, checkpointed, BPDA or no gradients; keyed noise),
+``pgd`` (PGD-EOT, deterministic white-box and BPDA in one loop), ``scoring`` (mean, majority
+and worst case over M purifications). Pure library code: the pipeline (``densepure attack``)
+lives in ``tasks/attack.py`` and ``flows/attack.py``.
+"""
+
+from .defense import GRADIENTS, Defense, attack_seed, majority_labels, purification_noise
+from .pgd import ATTACK_KINDS, AttackSpec, AttackStats, eot_samples, run_attack
+from .scoring import RULES, Scores, predict, score
+from .threat import NORMS, ThreatModel, perturbation_norms
+
+__all__ = ["GRADIENTS", "Defense", "attack_seed", "majority_labels", "purification_noise", "ATTACK_KINDS",
+           "AttackSpec", "AttackStats", "eot_samples", "run_attack", "RULES", "Scores", "predict", "score",
+           "NORMS", "ThreatModel", "perturbation_norms"]

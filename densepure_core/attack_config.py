@@ -1,0 +1,219 @@
+"""The typed configuration of an attack evaluation (``densepure attack``), validated once.
+
+A job is: a dataset and which images of it, a classifier, a diffusion model (when a defense
+purifies), the defenses (``none``; ``purify`` with t* from a sigma or a fraction of the
+schedule, DDPM ancestral with S steps or one-shot, K votes), the threat models (L_inf or L_2
+balls), the attacks (``pgd_eot``, ``dwbox``, ``bpda``) and the number M of scoring
+purifications. Every (defense, threat, attack) triple is one output partition; ``dwbox`` and
+``bpda`` attack the purifier, so on the ``none`` defense only ``pgd_eot`` runs.
+
+Fields are declared ``votes(...)`` (they change the rows: part of :meth:`AttackConfig.config_hash`,
+a resumed OUT must agree on them) or ``operational(...)``, as in :mod:`densepure_core.config`.
+Presets: ``attack_default`` (the embedded default, bundled digits models), ``attack_cifar10``,
+``attack_imagenet``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from fractions import Fraction
+from typing import Any, Literal
+
+import yaml
+from pydantic import field_validator, model_validator
+
+from densepure_core.config import (ClassifierConfig, DatasetConfig, DiffusionConfig, _no_credentials, _Strict,
+                                   _stream_version, _vote_dump, operational, unclassified_fields, votes)
+
+__all__ = ["DefenseConfig", "ThreatConfig", "AttackItemConfig", "AttackConfig", "parse_eps"]
+
+
+def parse_eps(value: Any) -> float:
+    """A radius given as a number or a fraction string (``"8/255"``) -> float."""
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError) as exc:
+            raise ValueError(f"eps {value!r}: expected a number or a fraction such as 8/255") from exc
+    return float(value)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+class DefenseConfig(_Strict):
+    """One defense.
+
+    ``kind``: ``none`` (the bare classifier) or ``purify``. For ``purify``: t* from ``sigma``
+    (the certification rule: sqrt((1 - abar) / abar) = 2 sigma, ``t_star_rule``) or from
+    ``t_fraction`` (t* = round(fraction x T); DiffPure: 0.1 on CIFAR-10 L_inf, 0.075 L_2, 0.15
+    ImageNet); ``reverse``: ``ddpm`` (ancestral, ``steps`` S re-spaced steps; null: every step
+    t*..0) or ``one_shot`` (one denoiser call, DDS); ``k``: K purifications per prediction,
+    majority label (DensePure).
+    """
+
+    kind: Literal["none", "purify"] = votes()
+    name: str | None = votes(None, pattern=r"^[A-Za-z0-9_.+-]+$")
+    sigma: float | None = votes(None, gt=0)
+    t_fraction: float | None = votes(None, gt=0, le=1)
+    reverse: Literal["ddpm", "one_shot"] = votes("ddpm")
+    steps: int | None = votes(None, ge=1, description="ddpm: S re-spaced steps; null: the full chain")
+    k: int = votes(1, ge=1, description="K purifications per prediction, majority label")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind == "none":
+            if self.sigma is not None or self.t_fraction is not None or self.k != 1 or self.steps is not None:
+                raise ValueError("defense kind 'none' is the bare classifier: sigma, t_fraction, steps and k "
+                                 "do not apply (remove them)")
+        elif (self.sigma is None) == (self.t_fraction is None):
+            raise ValueError("a purify defense needs exactly one of sigma (t* as in certification) or t_fraction "
+                             "(t* = round(t_fraction x T), DiffPure's 0.1 on CIFAR-10)")
+        if self.reverse == "one_shot" and self.steps not in (None, 1):
+            raise ValueError(f"reverse one_shot is one denoiser call: remove steps (got {self.steps})")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The partition name: ``name``, else derived (``purify-t0.1-s4-k3``)."""
+        if self.name:
+            return self.name
+        if self.kind == "none":
+            return "none"
+        where = f"sigma{_fmt(self.sigma)}" if self.sigma is not None else f"t{_fmt(self.t_fraction)}"
+        how = "oneshot" if self.reverse == "one_shot" else ("full" if self.steps is None else f"s{self.steps}")
+        return f"purify-{where}-{how}" + (f"-k{self.k}" if self.k > 1 else "")
+
+
+class ThreatConfig(_Strict):
+    """An L_inf or L_2 ball of radius ``eps`` in [0, 1] pixel units (``8/255`` accepted)."""
+
+    norm: Literal["linf", "l2"] = votes()
+    eps: float = votes()
+    name: str | None = votes(None, pattern=r"^[A-Za-z0-9_.+-]+$")
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _eps(cls, v: Any) -> float:
+        v = parse_eps(v)
+        if not 0 < v:
+            raise ValueError(f"eps must be > 0 (got {v})")
+        return v
+
+    @property
+    def label(self) -> str:
+        """``name``, else ``linf-8`` (eps x 255 for L_inf) or ``l2-0.5``."""
+        if self.name:
+            return self.name
+        return f"linf-{_fmt(round(self.eps * 255, 4))}" if self.norm == "linf" else f"l2-{_fmt(self.eps)}"
+
+
+class AttackItemConfig(_Strict):
+    """One attack: ``pgd_eot`` (exact gradients, EOT), ``dwbox`` (fixed noise, EOT 1) or ``bpda``.
+
+    ``eot``: purifications per gradient (default 10; ``dwbox``: 1); ``step_size``: absolute
+    (default eps/4 for L_inf, eps/5 for L_2, ADDT's PGD-20 steps); ``random_start``: a uniform
+    point of the ball (DiffBreak) rather than the clean image (Lee & Kim, ADDT).
+    """
+
+    kind: Literal["pgd_eot", "dwbox", "bpda"] = votes()
+    name: str | None = votes(None, pattern=r"^[A-Za-z0-9_.+-]+$")
+    iterations: int = votes(20, ge=1)
+    eot: int | None = votes(None, ge=1)
+    step_size: float | None = votes(None, gt=0)
+    random_start: bool = votes(True)
+    gradient: Literal["exact", "autograd"] = operational(
+        "exact", description="exact: checkpoint every reverse step (memory flat in the steps); autograd: keep "
+                             "every step's graph (same gradients, more memory)")
+
+    @field_validator("step_size", mode="before")
+    @classmethod
+    def _step(cls, v: Any) -> float | None:
+        return None if v is None else parse_eps(v)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind == "dwbox" and self.eot not in (None, 1):
+            raise ValueError(f"a dwbox attack fixes the purifier's noise: eot must be 1 (got {self.eot})")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+    @property
+    def eot_samples(self) -> int:
+        return self.eot if self.eot is not None else (1 if self.kind == "dwbox" else 10)
+
+
+class AttackConfig(_Strict):
+    """A whole attack evaluation. Written, resolved, next to every result (OUT/config.yaml)."""
+
+    job: Literal["attack"] = votes("attack", description="marks an attack OUT (certify OUTs have none)")
+    run_name: str = operational("attack", description="a label for run ids and logs")
+    dataset: DatasetConfig = votes(DatasetConfig())
+    diffusion: DiffusionConfig | None = votes(None)
+    classifier: ClassifierConfig = votes()
+    defenses: list[DefenseConfig] = votes(..., min_length=1)
+    threats: list[ThreatConfig] = votes(..., min_length=1)
+    attacks: list[AttackItemConfig] = votes(..., min_length=1)
+    score_purifications: int = votes(10, ge=1, description="M: fresh purifications that score each example")
+    t_star_rule: Literal["nearest", "first_at_or_above"] = votes("nearest")
+    seed: int = votes(0, ge=0)
+    shard_size: int = votes(10, ge=1)
+    # Every row draws from its own streams: the batch size changes no result (float rounding aside).
+    batch_size: int = operational(256, ge=1, description="purified rows per forward/backward pass")
+    workers: int | None = operational(None, ge=1, description="Ray actors; default one per GPU, else 1")
+    device: str = operational("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    out: str = operational("results/attack")
+    allow_pickle: bool = operational(False)
+    prefetch: int = operational(2, ge=0)
+    on_bad_input: Literal["fail", "quarantine"] = operational("fail")
+
+    _out_creds = field_validator("out")(_no_credentials)
+
+    @model_validator(mode="after")
+    def _check(self):
+        for what, items in (("defenses", self.defenses), ("threats", self.threats), ("attacks", self.attacks)):
+            labels = [i.label for i in items]
+            dup = sorted({x for x in labels if labels.count(x) > 1})
+            if dup:
+                raise ValueError(f"{what} must have distinct names; repeated: {dup} (set {what}[i].name)")
+        if self.diffusion is None and any(d.kind == "purify" for d in self.defenses):
+            raise ValueError("diffusion.source is required for purify defenses")
+        if not self.partitions():
+            raise ValueError("no (defense, threat, attack) partition to run: the 'none' defense is attacked only "
+                             "by pgd_eot attacks (dwbox and bpda attack a purifier)")
+        return self
+
+    def partitions(self) -> list[tuple[str, str, str]]:
+        """Every (defense, threat, attack) label triple that runs, in config order."""
+        return [(d.label, t.label, a.label) for d in self.defenses for t in self.threats for a in self.attacks
+                if d.kind == "purify" or a.kind == "pgd_eot"]
+
+    def defense(self, label: str) -> DefenseConfig:
+        return next(d for d in self.defenses if d.label == label)
+
+    def threat(self, label: str) -> ThreatConfig:
+        return next(t for t in self.threats if t.label == label)
+
+    def attack(self, label: str) -> AttackItemConfig:
+        return next(a for a in self.attacks if a.label == label)
+
+    def vote_fields(self) -> dict[str, Any]:
+        """The hash payload: every ``votes(...)`` field, plus the noise-stream version."""
+        return {**_vote_dump(self), "stream_version": _stream_version()}
+
+    def config_hash(self) -> str:
+        """sha256 (first 16 hex digits) of :meth:`vote_fields`: equal hashes, equal rows."""
+        return hashlib.sha256(json.dumps(self.vote_fields(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+_UNDECLARED = unclassified_fields(AttackConfig)
+if _UNDECLARED:  # a developer error: every field must say whether it determines the rows
+    raise TypeError(f"AttackConfig fields declared neither votes(...) nor operational(...): {_UNDECLARED}")

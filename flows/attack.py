@@ -1,0 +1,127 @@
+"""The attack-evaluation flow: plan -> attack (Ray actors) -> summary (DuckDB) -> report.
+
+Run it with ``densepure attack [--config FILE|PRESET] [--out DIR|s3://...]``; with no config it
+runs the packaged ``attack_default`` (bundled digits models). Like ``densepure certify``:
+Prefect without a server unless ``PREFECT_API_URL`` is set, local Ray on loopback unless
+``--ray-address``, and rerunning the same command on the same OUT finishes only what is
+missing (tasks/attack_plan.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+
+from densepure_core.attack_config import AttackConfig
+from densepure_core.config import load_config
+from tasks.attack import AttackShardResult, run_attack_stage
+from tasks.attack_plan import AttackPlan, plan_attack
+from tasks.attack_summary import write_attack_report
+
+__all__ = ["attack_flow", "attack_config_file", "run_attack_job", "AttackProgress"]
+
+
+@dataclass
+class AttackProgress:
+    """Live progress of the attack stage: images done/total, images/s, ETA (stderr)."""
+
+    total: int
+    done: int = 0
+    computed: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    stream: object = field(default_factory=lambda: sys.stderr)
+
+    def __call__(self, res: AttackShardResult) -> None:
+        handled = res.images + res.quarantined
+        self.done += handled
+        if not res.skipped:
+            self.computed += handled
+        elapsed = time.perf_counter() - self.start
+        rate = self.computed / elapsed if elapsed > 0 else 0.0
+        eta = f"ETA {(self.total - self.done) / rate:.0f}s" if rate > 0 else "ETA -"
+        tag = "skipped (complete)" if res.skipped else f"{res.seconds:.1f}s"
+        print(f"  [attack] {self.done}/{self.total} image-partitions ({100 * self.done / max(1, self.total):.0f}%)  "
+              f"{rate:.2f}/s  {eta}  | {res.defense} {res.threat} {res.attack} shard {res.shard} {tag}",
+              file=self.stream, flush=True)
+
+
+@task(name="plan-attack")
+def plan_task(cfg: AttackConfig, out: str) -> AttackPlan:
+    plan = plan_attack(cfg, out)
+    get_run_logger().info("plan: %s images, %s shards, %s partitions (resumed: %s)", len(plan.records),
+                          len(plan.shards), len(plan.partitions), plan.resumed)
+    return plan
+
+
+@task(name="attack")
+def attack_task(cfg: AttackConfig, plan: AttackPlan, ray_address: str | None, progress: bool) -> list[AttackShardResult]:
+    total = len(plan.records) * len(plan.partitions)
+    printer = AttackProgress(total) if progress else None
+    artifact = create_progress_artifact(0.0, key="densepure-attack-progress", description="image-partitions attacked (%)")
+    done = 0
+
+    def on_result(res: AttackShardResult) -> None:
+        nonlocal done
+        done += res.images + res.quarantined
+        if printer:
+            printer(res)
+        update_progress_artifact(artifact, 100.0 * done / max(1, total))
+
+    results = run_attack_stage(cfg, plan, ray_address=ray_address, on_result=on_result)
+    for r in results:
+        if r.recomputed_reason:
+            get_run_logger().warning("recomputed shard %s/%s/%s %s: %s", r.defense, r.threat, r.attack, r.shard,
+                                     r.recomputed_reason)
+    return results
+
+
+@task(name="attack-report")
+def report_task(out: str, expected: dict) -> str:
+    return write_attack_report(out, expected=expected)
+
+
+@flow(name="densepure-attack")
+def attack_flow(config: dict, out: str | None = None, ray_address: str | None = None, progress: bool = True) -> dict:
+    """Attack the dataset of ``config``; returns per-stage seconds, the report and counts."""
+    cfg = AttackConfig.model_validate(config)
+    out = out or cfg.out
+    timings = {}
+    t0 = time.perf_counter()
+    plan = plan_task(cfg, out)
+    timings["plan"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results = attack_task(cfg, plan, ray_address, progress)
+    timings["attack"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    quarantined: dict = {}
+    for r in results:
+        quarantined[(r.defense, r.threat, r.attack)] = quarantined.get((r.defense, r.threat, r.attack), 0) + r.quarantined
+    expected = {p: len(plan.records) - quarantined.get(p, 0) for p in plan.partitions}
+    report = report_task(out, expected)
+    timings["report"] = time.perf_counter() - t0
+    create_markdown_artifact(report, key="densepure-attack-report", description=f"attack evaluation report for {out}")
+    create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
+                          key="densepure-attack-stage-timings")
+    return {"out": out, "run_id": plan.run_id, "timings": timings, "report": report,
+            "computed_shards": sum(not r.skipped for r in results), "skipped_shards": sum(r.skipped for r in results),
+            "images": len(plan.records), "quarantined": sum(quarantined.values())}
+
+
+@flow(name="densepure-attack-file")
+def attack_config_file(config_path: str = "attack_default", out: str | None = None,
+                       overrides: list[str] | None = None, ray_address: str | None = None) -> dict:
+    """Deployment entry point (prefect.yaml): attack with the config at ``config_path`` (a YAML
+    file or a packaged preset name)."""
+    cfg = load_config(config_path, overrides or [], model=AttackConfig)
+    return attack_flow(cfg.model_dump(mode="json"), out=out, ray_address=ray_address, progress=False)
+
+
+def run_attack_job(cfg: AttackConfig, out: str | None = None, ray_address: str | None = None,
+                   progress: bool = True) -> dict:
+    """Run :func:`attack_flow` for a validated config (the CLI's entry point)."""
+    return attack_flow(cfg.model_dump(mode="json"), out=out, ray_address=ray_address, progress=progress)

@@ -1,0 +1,110 @@
+"""Running shards on a pool of Ray actors: the one place where the pipeline starts or joins Ray.
+
+Both jobs use it: the vote stage (``tasks/vote.py``, :class:`~tasks.vote.VoteWorker`) and the
+attack stage (``tasks/attack.py``, :class:`~tasks.attack.AttackWorker`). Each actor is built
+once (it loads the models once) and then runs task after task; Ray restarts a killed actor and
+retries its task (``max_restarts``, ``max_task_retries``), and because every shard is written
+whole and atomically under its final name, a retry never duplicates or loses a row.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .faults import record_driver_process_group
+
+__all__ = ["run_on_actors"]
+
+
+def _start_local_ray(num_cpus: int | None = None) -> None:
+    """Start Ray on loopback only (no dashboard; session files in a private temp dir)."""
+    # Without this Ray binds its services to the machine's non-loopback address. Ray reads the
+    # variable once, at import, into ray_constants (the driver) and again in every process it
+    # spawns (raylet, workers): set both, then verify.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray._private import ray_constants
+
+    # The driver's copy: Ray may have been imported before the line above (by another module, a
+    # test, a notebook), and then ray.init would read the stale value and bind Ray to the
+    # machine's address. This writes a private Ray constant, so it is done only on the Ray
+    # minor version it was verified on (requirements/lock.txt); on another one the name or its
+    # meaning may have changed and the write would silently do nothing.
+    verified = (2, 60)
+    installed = tuple(int(part) for part in re.findall(r"\d+", ray.__version__)[:2])
+    if installed != verified or not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        raise RuntimeError(
+            f"starting a local Ray on loopback is verified on Ray {verified[0]}.{verified[1]}.x only "
+            f"(it sets the private ray._private.ray_constants.ENABLE_RAY_CLUSTER); Ray {ray.__version__} is "
+            f"installed. Install the tested version (make setup; requirements/lock.txt), or start Ray "
+            f"yourself on loopback (ray start --head --node-ip-address=127.0.0.1 --include-dashboard=false) "
+            f"and pass --ray-address 127.0.0.1:6379")
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    record_driver_process_group()  # before Ray starts the processes that inherit the environment
+    temp_dir = os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="densepure-ray-")
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
+             _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != "127.0.0.1":
+        ray.shutdown()
+        raise RuntimeError(f"local Ray bound to {node_ip}, not loopback; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "
+                           f"before anything imports ray, or pass --ray-address to use a cluster")
+
+
+def run_on_actors(actor_class: type, actor_args: Callable[[str, int | None], tuple], tasks: Sequence[Any],
+                  method: str, *, workers: int | None = None, ray_address: str | None = None,
+                  on_result: Callable[[Any], None] | None = None) -> list[Any]:
+    """Run ``actor.<method>(task)`` for every task on a pool of actors; results as they finish.
+
+    Args:
+        actor_class: a plain class; it becomes a Ray actor with restarts and task retries.
+        actor_args: ``(actor name, torch threads or None) -> constructor arguments``.
+        tasks: picklable task objects.
+        method: the name of the actor method that runs one task.
+        workers: actors; default one per GPU where the cluster has GPUs, else 1 (never more
+            than tasks).
+        ray_address: join this cluster; None starts Ray on loopback (and shuts it down after).
+        on_result: called with each result as it arrives.
+
+    Actors take one GPU each where there are GPUs; otherwise half a CPU each (whole-CPU actors
+    on 2 cores starve Ray's own tasks) and all cores divided among them as torch threads.
+    """
+    import ray
+    from ray.util import ActorPool
+
+    if not tasks:
+        return []
+    results: list[Any] = []
+    started_here = False
+    if not ray.is_initialized():
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False)
+        else:
+            _start_local_ray()
+        started_here = True
+    try:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        n_workers = max(1, min(workers or (gpus if gpus else 1), len(tasks)))
+        if gpus:
+            options, threads = {"num_gpus": 1, "num_cpus": 1}, None
+        else:
+            options, threads = {"num_cpus": 0.5}, max(1, cpus // n_workers)
+        remote_class = ray.remote(max_restarts=3, max_task_retries=3)(actor_class)
+        actors = [remote_class.options(**options).remote(*actor_args(f"actor-{i}", threads))
+                  for i in range(n_workers)]
+        pool = ActorPool(actors)
+        for res in pool.map_unordered(lambda a, t: getattr(a, method).remote(t), list(tasks)):
+            results.append(res)
+            if on_result:
+                on_result(res)
+        for a in actors:
+            ray.kill(a)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return results
