@@ -9,7 +9,8 @@ restarted actor, the rerun) see the file and go on. Points:
 - ``plan:after-config``: config.yaml written, manifest and run.json not yet;
 - ``vote:mid-shard``: an actor has certified an image of a shard, nothing of the shard written;
 - ``vote:during-write``: a shard's bytes are in a temporary file, not yet under the final name;
-- ``aggregate:after-certificates``: certificates.parquet published, accuracy and summary not.
+- ``aggregate:after-certificates``: certificates.parquet published, accuracy and summary not;
+- ``attack:mid-shard``: an attack actor has attacked a shard in memory, nothing of it written.
 
 With ``DENSEPURE_FAULT_SIGNAL=self`` only the reaching process is killed (an actor crash).
 Without ``DENSEPURE_FAULT`` every call is a dictionary lookup and returns.

@@ -76,9 +76,10 @@ def connect(out: str, *, alpha: float | None = None) -> duckdb.DuckDBPyConnectio
     """A read-only DuckDB connection on the results of OUT.
 
     Views: ``votes`` (every vote shard, lazily scanned), ``certificates`` and ``accuracy``
-    (docs/schema.md). With ``alpha`` the two tables are recomputed from the stored counts at
-    that alpha, on the radius grid of the published accuracy table (or the default grid),
-    after the same checks as the aggregate stage, except the expected-image count; nothing is
+    (docs/schema.md); for an attack OUT ``attacks`` (every attack shard) and
+    ``attack_summary`` (tasks/attack_sql.py); ``errors`` (quarantined images of either job).
+    With ``alpha`` the two tables are recomputed from the stored counts at that alpha, on
+    the radius grid of the published accuracy table (or the default grid), after the same checks as the aggregate stage, except the expected-image count; nothing is
     written. Without ``alpha`` they are the published ``OUT/tables/*.parquet``; when those do
     not exist yet, only ``votes`` is there. The UDFs of :func:`register_udfs` are available.
 

@@ -69,3 +69,15 @@ def test_adaptive_benchmark_dry_run(capsys):
             assert (res["n_used"] <= 60).all()
     line = last_line(capsys)
     assert line["dry_run"] == "True" and 0 < float(line["rs_s0.5_adaptive-grid_copies_ratio"]) <= 1
+
+
+def test_digits_attacks_benchmark_dry_run(capsys):
+    result = load("digits_attacks").main(["--dry-run"])
+    assert result["images"] == 2 and result["partitions"] == 7  # none + 2 purifiers x 3 attacks, 1 threat
+    out = capsys.readouterr().out
+    assert "robust (worst)" in out and "exact only" in out
+    assert last_line_of(out)["dry_run"] == "True"
+
+
+def last_line_of(text: str) -> dict:
+    return dict(kv.split("=", 1) for kv in text.strip().splitlines()[-1].split())

@@ -14,7 +14,8 @@ Three attacks, one loop (:func:`run_attack`):
 The loop is torchattacks' ``EOTPGD`` / ``PGDL2`` (cross-entropy on the true label, gradients
 summed over EOT samples, one ascent move and projection per iteration, last iterate), with every
 random draw keyed by (run seed, image id, purpose, sample, vote): an image's adversarial example
-never depends on the batch it is in, the shard layout or the worker.
+does not depend on the batch it is in, the shard layout or the worker, up to the models'
+batch-size-dependent float rounding (``tests/densepure_core/attack/test_pgd.py``).
 """
 
 from __future__ import annotations

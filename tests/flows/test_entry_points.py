@@ -22,7 +22,7 @@ def python(code: str, **env_changes) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.parametrize("module", ["flows.cli", "flows.certify", "flows.environment", "tasks.faults",
+@pytest.mark.parametrize("module", ["flows.cli", "flows.certify", "flows.attack", "flows.environment", "tasks.faults",
                                     "tasks.vote", "densepure_core.config"])
 def test_importing_changes_no_environment_variable(module):
     run = python(f"import os; before = dict(os.environ); import {module}; "
@@ -94,3 +94,25 @@ def test_the_fault_driver_record_is_explicit(monkeypatch):
         # Never leak it: a later fault test's child would inherit pytest's own process group
         # as the "driver" and kill the test run (monkeypatch cannot undo a variable it did not set).
         os.environ.pop("DENSEPURE_FAULT_PGID", None)
+
+
+def test_every_prefect_deployment_names_a_flow_and_a_config_it_can_load():
+    """prefect.yaml's entrypoints import to Prefect flows, and each config_path loads with the
+    config type of its flow (certify: CertifyConfig; attack: AttackConfig)."""
+    import importlib
+
+    import yaml
+    from prefect import Flow
+
+    from densepure_core.attack_config import AttackConfig
+    from densepure_core.config import load_config
+
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    assert {d["entrypoint"] for d in deployments} == {"flows/certify.py:certify_config_file",
+                                                      "flows/attack.py:attack_config_file"}
+    for d in deployments:
+        path, name = d["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        assert isinstance(flow, Flow)
+        model = AttackConfig if "attack" in name else None
+        assert load_config(d["parameters"]["config_path"], model=model).run_name
