@@ -165,3 +165,38 @@ def test_a_corrupt_image_is_quarantined_or_stops_the_run(tmp_path):
     failing = AttackConfig.model_validate({**data, "on_bad_input": "fail", "out": str(tmp_path / "out2")})
     with pytest.raises(ValueError, match="on_bad_input: quarantine"):
         run_all(failing, plan_attack(failing))
+
+
+def test_attack_rows_summary_and_resume_on_s3(tmp_path, s3_endpoint, monkeypatch):
+    """OUT on a real (moto) S3 server: plan, rows, views, report, and a resume that skips all."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    fs.mkdir("attack-bucket")
+    out = "s3://attack-bucket/runs/tiny"
+    cfg = AttackConfig.model_validate(attack_job(tmp_path, out=out, defenses=[{"kind": "none"}],
+                                                 attacks=[{"kind": "pgd_eot", "iterations": 1}]))
+    plan = plan_attack(cfg)
+    assert not any(r.skipped for r in run_all(cfg, plan))
+    assert is_attack_out(out)
+    report = write_attack_report(out)
+    assert "| none | linf-8 | pgd_eot | 6 |" in report
+    keys = fs.find("attack-bucket/runs/tiny")
+    assert "attack-bucket/runs/tiny/tables/attack_summary.parquet" in keys
+    assert len([k for k in keys if "/attacks/" in k]) == 2 and not [k for k in keys if ".tmp-" in k]
+    assert run_query(out, "SELECT sum(images) FROM attack_summary WHERE rule = 'worst'", fmt="csv").splitlines()[-1] == "6"
+    assert all(r.skipped for r in run_all(cfg, plan_attack(cfg)))
+
+
+def test_defenses_are_built_with_the_configured_chain(tmp_path):
+    data = attack_job(tmp_path, defenses=[
+        {"kind": "purify", "name": "by-sigma", "sigma": 0.25, "steps": 3},
+        {"kind": "purify", "name": "one-shot", "t_fraction": 0.05, "reverse": "one_shot"},
+        {"kind": "purify", "name": "full", "t_fraction": 0.01}])
+    worker = AttackWorker(AttackConfig.model_validate(data))
+    by_sigma, one, full = (worker.defense(n) for n in ("by-sigma", "one-shot", "full"))
+    assert by_sigma.t_star == 144 and by_sigma.process.timesteps == (144, 96, 48)  # the certification t*
+    assert one.t_star == 50 and one.process.timesteps == (50,) and one.noise_draws == 1
+    assert full.t_star == 10 and full.process.timesteps == tuple(range(10, -1, -1)) and full.noise_draws == 11
+    assert worker.defense("full") is full  # built once
