@@ -515,6 +515,23 @@ def resolve_config_path(path: str | Path):
     return path  # an importlib.resources Traversable
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one
+    silently, so a config with two ``n:`` lines would run with whichever came last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found the key {key!r} twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    f"keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict | None = None, model: type[BaseModel] | None = None) -> CertifyConfig:
     """Read YAML (or take ``data``), apply overrides, validate. Raises ConfigError.
@@ -529,11 +546,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if path is None:
             raise ConfigError("no config given")
         try:
-            data = yaml.safe_load(resolve_config_path(path).read_text()) or {}
+            data = yaml.load(resolve_config_path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path} does not exist") from exc
+        except IsADirectoryError as exc:
+            raise ConfigError(f"config {path} is a directory: pass a YAML file (e.g. {path}/config.yaml), or a "
+                              f"packaged preset name") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): pass a YAML file, not a "
+                              f"binary one") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} holds a YAML {type(data).__name__}, not a mapping of fields "
+                              f"(e.g. 'n: 500')")
     data = apply_overrides(json.loads(json.dumps(data)), overrides or [])
     if isinstance(data, dict):  # the other job's config: say which command runs it
         if model is CertifyConfig and data.get("job") == "attack":

@@ -33,7 +33,7 @@ from densepure_core.rng import STREAM_VERSION
 from . import storage
 from .faults import fault_point
 from .layout import attack_errors_uri, attack_shard_uri, config_uri, manifest_uri, run_uri
-from .plan import PlanError, _local_dir, _versions, check_labels, source_hashes
+from .plan import PlanError, _local_dir, _versions, check_files_exist, check_labels, source_hashes
 
 __all__ = ["AttackTask", "AttackPlan", "plan_attack", "load_attack_plan", "defense_t_star", "check_defenses"]
 
@@ -162,6 +162,7 @@ def plan_attack(cfg: AttackConfig, out: str | None = None) -> AttackPlan:
     t_stars = check_defenses(cfg)
     records, _ = enumerate_records(cfg.dataset)
     chosen = select_records(records, cfg.dataset)
+    check_files_exist(chosen, cfg.on_bad_input)
     unknown = [r for r in chosen if r.label < 0]
     if unknown:
         raise PlanError(f"image {unknown[0].image_id!r} ({unknown[0].uri}) has no label (-1), and "

@@ -22,6 +22,7 @@ Alpha and radii may change between runs: they only affect the aggregate.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import socket
@@ -34,14 +35,17 @@ import pyarrow.parquet as pq
 import yaml
 
 from densepure_core.config import CertifyConfig, resolve_source
-from densepure_core.data.sources import ImageRecord, enumerate_records, select_records
+from densepure_core.data.sources import ImageRecord, enumerate_records, missing_local_files, select_records
 from densepure_core.rng import STREAM_VERSION
 
 from . import storage
 from .faults import fault_point
 from .layout import config_uri, errors_uri, format_sigma, manifest_uri, run_uri, shard_uri
 
-__all__ = ["Plan", "ShardTask", "PlanError", "plan_run", "load_plan", "plan_summary", "check_labels"]
+__all__ = ["Plan", "ShardTask", "PlanError", "plan_run", "load_plan", "plan_summary", "check_labels", "check_files_exist"]
+
+
+log = logging.getLogger("densepure.plan")
 
 
 class PlanError(ValueError):
@@ -232,6 +236,20 @@ def _check_same_run(cfg: CertifyConfig, out: str) -> None:
                     f"stored config ({storage.join(out, 'config.yaml')}) to resume it.")
 
 
+def check_files_exist(records, on_bad_input: str) -> None:
+    """Refuse, before anything is written, images whose local file does not exist (under
+    ``on_bad_input: fail``); under ``quarantine`` the workers record them in the errors table."""
+    missing = missing_local_files(list(records))
+    if missing and on_bad_input == "fail":
+        first = missing[0]
+        raise PlanError(f"{len(missing)} image file(s) of the dataset do not exist, e.g. {first.uri!r} (image_id "
+                        f"{first.image_id!r}); relative manifest URIs are resolved against the manifest's directory. "
+                        f"Fix the paths (or remove those rows), or set on_bad_input: quarantine to record them in "
+                        f"the errors table and certify the rest.")
+    if missing:
+        log.warning("%d image file(s) do not exist (e.g. %s); they will be quarantined", len(missing), missing[0].uri)
+
+
 def check_labels(records, num_classes: int, what: str, error=ValueError) -> None:
     """Refuse labels that are neither -1 (unknown) nor a class index below ``num_classes``.
 
@@ -265,6 +283,7 @@ def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
     # may lack classes and a manifest may have no labels at all. The classifier's width does.
     records, _ = enumerate_records(cfg.dataset)
     chosen = select_records(records, cfg.dataset)
+    check_files_exist(chosen, cfg.on_bad_input)
     num_classes = cfg.classifier.num_classes
     if num_classes:
         check_labels(chosen, num_classes, f"classifier.num_classes: {num_classes}", PlanError)

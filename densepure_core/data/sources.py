@@ -84,6 +84,22 @@ def _imagefolder_records(cfg: DatasetConfig) -> tuple[list[ImageRecord], int]:
     return records, len(classes)
 
 
+def _check_manifest_labels(frame, path: str) -> None:
+    """Every label is an integer >= -1 (-1: unknown); else name the manifest, the row and the fix."""
+    import pandas as pd
+
+    labels = pd.to_numeric(frame["label"], errors="coerce")
+    bad = labels.isna() | (labels != labels.round()) | (labels < -1)
+    if bad.any():
+        i = int(bad.to_numpy().nonzero()[0][0])
+        value = frame["label"].iloc[i]
+        value = value.item() if hasattr(value, "item") else value  # numpy scalar -> plain Python for the message
+        raise DatasetError(
+            f"manifest {path!r}, row {i + 1} (image_id {frame['image_id'].iloc[i]!r}): column 'label' holds "
+            f"{value!r} ({int(bad.sum())} such row(s)); a label must be a class index >= 0, or -1 "
+            f"where the label is unknown: fix the label column")
+
+
 def _manifest_records(cfg: DatasetConfig) -> tuple[list[ImageRecord], int]:
     import pandas as pd
 
@@ -94,12 +110,19 @@ def _manifest_records(cfg: DatasetConfig) -> tuple[list[ImageRecord], int]:
             data = f.read()
     except FileNotFoundError as exc:
         raise DatasetError(f"manifest {path!r} does not exist") from exc
-    reader = pd.read_parquet if path.endswith(".parquet") else pd.read_csv
-    frame = reader(io.BytesIO(data))
+    parquet = path.endswith(".parquet")
+    try:
+        frame = (pd.read_parquet if parquet else pd.read_csv)(io.BytesIO(data))
+    except Exception as exc:  # pyarrow / pandas parser errors name a buffer, not the file
+        kind = "Parquet" if parquet else "CSV"
+        raise DatasetError(f"manifest {path!r} cannot be read as {kind} ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); a manifest is a Parquet file "
+                           f"(name ending .parquet) or a CSV file with columns image_id, uri, label") from None
     missing = {"image_id", "uri", "label"} - set(frame.columns)
     if missing:
         raise DatasetError(f"manifest {path!r} lacks columns {sorted(missing)}; "
                            f"it needs image_id, uri, label (-1 if unknown)")
+    _check_manifest_labels(frame, path)
     dup = frame["image_id"][frame["image_id"].duplicated()]
     if len(dup):
         raise DatasetError(f"manifest {path!r}: image_id values repeat (e.g. {dup.iloc[0]!r}); ids must be unique")
@@ -112,6 +135,13 @@ def _manifest_records(cfg: DatasetConfig) -> tuple[list[ImageRecord], int]:
         records.append(ImageRecord(str(row.image_id), uri, int(row.label)))
     num_classes = int(frame["label"].max()) + 1 if len(frame) else 0
     return records, num_classes
+
+
+def missing_local_files(records: list[ImageRecord]) -> list[ImageRecord]:
+    """The records whose URI is a local path that does not exist (one ``stat`` each; remote
+    URIs and bundled digits are not checked here: the workers report them)."""
+    return [r for r in records if "://" not in r.uri and not r.uri.startswith("digits:")
+            and not os.path.exists(r.uri)]
 
 
 def enumerate_records(cfg: DatasetConfig) -> tuple[list[ImageRecord], int]:
@@ -188,7 +218,10 @@ def load_image(record: ImageRecord, cfg: DatasetConfig) -> torch.Tensor:
         with fs.open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError as exc:
-        raise DatasetError(f"image {record.uri!r} does not exist; the dataset changed since planning") from exc
+        raise DatasetError(f"image {record.uri!r} (image_id {record.image_id!r}) does not exist: it was removed "
+                           f"after planning, or the manifest names a file that never existed (relative URIs "
+                           f"are resolved against the manifest's directory); restore the file, or fix the "
+                           f"manifest and use a new --out") from exc
     except Exception as exc:
         raise DatasetError(f"image {record.uri!r} could not be read ({type(exc).__name__}: {exc}); "
                            f"check the path, permissions and S3 endpoint") from exc
