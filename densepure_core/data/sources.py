@@ -185,9 +185,15 @@ def _decode(data: bytes, uri: str, image_size: int | None) -> torch.Tensor:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DatasetError(f"image {uri!r} is too large to decode safely ({exc}); it may be a decompression bomb: "
+                           f"remove it, or downscale it below Pillow's limit") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"image {uri!r} cannot be decoded ({exc}); the file is corrupt or not an image: "
                            f"replace or remove it") from exc
+    if img.mode == "F":  # 32-bit float pixels have no fixed range: converting would guess (and gave black images)
+        raise DatasetError(f"image {uri!r} has 32-bit float pixels (mode F), whose range is not defined; convert "
+                           f"it to an 8- or 16-bit image (e.g. scaled to 0..255) or remove it")
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float32)
         scale = 65535.0 if arr.max() > 255 else 255.0

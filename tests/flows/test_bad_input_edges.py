@@ -103,3 +103,31 @@ def test_a_manifest_uri_that_never_existed_is_refused_at_plan_time(tmp_path):
     assert str(tmp_path / "no/such/image.png") in message
     assert "resolved against the manifest's directory" in message and "on_bad_input: quarantine" in message
     assert not out.exists()
+
+
+def test_a_decompression_bomb_and_a_float_tiff_are_bad_inputs_under_both_policies(tmp_path):
+    """Item 6 (and issue 17's float TIFF): a per-image decode failure is a bad input: quarantined
+    under `quarantine` (the run goes on), one clear error under `fail`."""
+    from PIL import Image
+
+    data = tiny_job(tmp_path, methods=[{"kind": "rs"}], sigmas=[0.5], on_bad_input="quarantine")
+    bomb = tmp_path / "data" / "a" / "1.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 4e8 pixels: over twice Pillow's limit, ~50 kB on disk
+    floaty = tmp_path / "data" / "b" / "2.tif"
+    (tmp_path / "data" / "b" / "2.png").unlink()
+    Image.new("F", (8, 8), 0.5).save(floaty)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(data))
+    result = runner.invoke(app, ["certify", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "2 image(s) quarantined" in result.output
+    errors = runner.invoke(app, ["sql", data["out"], "SELECT image_id, error FROM errors ORDER BY 1", "--format", "csv"])
+    assert "a/1.png" in errors.output and "decompression bomb" in errors.output
+    assert "b/2.tif" in errors.output and "mode F" in errors.output
+
+    data["on_bad_input"], data["out"] = "fail", str(tmp_path / "out-fail")
+    config.write_text(yaml.safe_dump(data))
+    failed = runner.invoke(app, ["certify", "--config", str(config)])
+    assert failed.exit_code != 0
+    message = one_error_line(failed)
+    assert ("decompression bomb" in message or "mode F" in message) and "on_bad_input: quarantine" in message
