@@ -81,3 +81,10 @@ def test_digits_attacks_benchmark_dry_run(capsys):
 
 def last_line_of(text: str) -> dict:
     return dict(kv.split("=", 1) for kv in text.strip().splitlines()[-1].split())
+
+
+def test_undefended_digits_benchmark_dry_run(capsys):
+    result = load("undefended_digits").main(["--dry-run"])
+    assert result["images"] == 20 and 0 <= result["pgd20_12"] <= result["pgd20_8"] <= result["clean"]
+    assert result["restarts_and_targeted_8"] <= result["restarts2_8"]
+    assert last_line_of(capsys.readouterr().out)["dry_run"] == "True"
