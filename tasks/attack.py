@@ -42,7 +42,7 @@ from .faults import fault_point
 from .layout import ATTACKS_SCHEMA
 from .raypool import run_on_actors
 from .shards import remove_stale_temporaries, shard_state
-from .vote import BadInputError, resolve_device
+from .vote import BadInputError, check_image_fits, resolve_device, stopped_by_bad_input
 
 __all__ = ["AttackWorker", "AttackShardResult", "run_attack_stage"]
 
@@ -140,10 +140,7 @@ class AttackWorker:
                     self._check_image(x, rec)
             except DatasetError as exc:
                 if self.cfg.on_bad_input == "fail":
-                    raise BadInputError(
-                        f"{exc}\nThe run stopped (on_bad_input: fail); finished shards are kept and a rerun "
-                        f"resumes. Fix or remove the image, or set on_bad_input: quarantine to record such "
-                        f"images in the errors table and go on.") from None
+                    raise stopped_by_bad_input(exc) from None
                 log.warning("quarantined %s: %s", rec.image_id, exc)
                 errors.append({
                     "run_id": task.run_id, "config_hash": task.config_hash, "image_id": rec.image_id,
@@ -157,14 +154,7 @@ class AttackWorker:
         return good, images, errors
 
     def _check_image(self, x: torch.Tensor, rec) -> None:
-        unet = self._load_diffusion()[0].unet
-        size, channels = unet.config.sample_size, unet.config.in_channels
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        if tuple(x.shape[-2:]) != size or x.shape[0] != channels:
-            raise DatasetError(
-                f"image {rec.uri!r} is {x.shape[0]}x{x.shape[1]}x{x.shape[2]} (CxHxW) but the diffusion model "
-                f"takes {channels}x{size[0]}x{size[1]}; set dataset.image_size: {size[0]} to resize and "
-                f"center-crop every image")
+        check_image_fits(x, rec, self._load_diffusion()[0].unet)
 
     def run_shard(self, task: AttackTask) -> AttackShardResult:
         """Attack one shard and publish its rows; skip it if a valid file exists."""

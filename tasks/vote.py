@@ -38,7 +38,8 @@ from .plan import Plan, ShardTask, check_labels
 from .raypool import run_on_actors
 from .shards import remove_stale_temporaries, shard_state
 
-__all__ = ["VoteWorker", "ShardResult", "BadInputError", "shard_is_complete", "remove_stale_temporaries",
+__all__ = ["VoteWorker", "ShardResult", "BadInputError", "stopped_by_bad_input", "check_image_fits",
+           "shard_is_complete", "remove_stale_temporaries",
            "run_vote_stage", "resolve_device", "PURIFIER_KIND"]
 
 log = logging.getLogger("densepure.vote")
@@ -49,6 +50,25 @@ PURIFIER_KIND = {"rs": "none", "dds": "one_shot", "densepure": "densepure"}
 
 class BadInputError(ValueError):
     """A bad image or a bad model output under on_bad_input=fail; names the image and the fix."""
+
+
+def stopped_by_bad_input(exc: Exception) -> BadInputError:
+    """The error that stops a run at a bad image (``on_bad_input: fail``): the image's problem, then
+    what was kept and the two ways on. Both jobs raise it."""
+    return BadInputError(f"{exc}\nThe run stopped (on_bad_input: fail); finished shards are kept and a rerun "
+                         f"resumes. Fix or remove the image, or set on_bad_input: quarantine to record such "
+                         f"images in the errors table and go on.")
+
+
+def check_image_fits(x: torch.Tensor, rec, unet) -> None:
+    """Raise DatasetError when image ``x`` ``[C, H, W]`` is not the diffusion model's size and channels."""
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    if tuple(x.shape[-2:]) != size or x.shape[0] != channels:
+        raise DatasetError(
+            f"image {rec.uri!r} is {x.shape[0]}x{x.shape[1]}x{x.shape[2]} (CxHxW) but the diffusion model "
+            f"takes {channels}x{size[0]}x{size[1]}; set dataset.image_size: {size[0]} to resize and "
+            f"center-crop every image")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -223,10 +243,7 @@ class VoteWorker:
             exc = res.error
             if exc is not None:
                 if self.cfg.on_bad_input == "fail":
-                    raise BadInputError(
-                        f"{exc}\nThe run stopped (on_bad_input: fail); finished shards are kept and a rerun "
-                        f"resumes. Fix or remove the image, or set on_bad_input: quarantine to record such "
-                        f"images in the errors table and go on.") from None
+                    raise stopped_by_bad_input(exc)
                 log.warning("quarantined %s: %s", rec.image_id, exc)
                 errors.append({
                     "run_id": task.run_id, "config_hash": task.config_hash, "image_id": rec.image_id,
@@ -258,16 +275,8 @@ class VoteWorker:
 
     def _check_image(self, x: torch.Tensor, rec, method: MethodConfig) -> None:
         """Refuse an image the diffusion model cannot take (wrong size or channels)."""
-        if method.kind == "rs":
-            return  # the classifier resizes on its device
-        unet = self._load_diffusion()[0].unet
-        size, channels = unet.config.sample_size, unet.config.in_channels
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        if tuple(x.shape[-2:]) != size or x.shape[0] != channels:
-            raise DatasetError(
-                f"image {rec.uri!r} is {x.shape[0]}x{x.shape[1]}x{x.shape[2]} (CxHxW) but the diffusion model "
-                f"takes {channels}x{size[0]}x{size[1]}; set dataset.image_size: {size[0]} to resize and "
-                f"center-crop every image")
+        if method.kind != "rs":  # RS: the classifier resizes on its device
+            check_image_fits(x, rec, self._load_diffusion()[0].unet)
 
 
 def run_vote_stage(cfg: CertifyConfig, plan: Plan, *, ray_address: str | None = None,
