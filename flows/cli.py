@@ -61,18 +61,16 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 class _NoTraceback(logging.Filter):
-    """Console only: a failed task's first line, not its traceback (the CLI prints the error).
+    """Console only: no Prefect error record at all; the CLI prints the error once, as ``error:``.
 
-    Runs on the root logger's console handler, after the task and flow loggers' own Prefect
-    API handlers have sent the full record, so the Prefect UI keeps the traceback.
+    A failed run used to show the same message three times (the task failed, the task's state,
+    the flow failed), with traceback fragments, before the CLI's own line. The records still
+    reach the Prefect API handlers of the task and flow loggers (which run before the root
+    logger's console handler this filter sits on), so the Prefect UI keeps them with tracebacks.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and record.name.startswith("prefect"):
-            record.exc_info = record.exc_text = None
-            record.msg = record.getMessage().split("\n", 1)[0]
-            record.args = None
-        return True
+        return not (record.levelno >= logging.ERROR and record.name.startswith("prefect"))
 
 
 def _quiet_console_tracebacks() -> None:
