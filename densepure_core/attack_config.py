@@ -56,7 +56,7 @@ class DefenseConfig(_Strict):
 
     kind: Literal["none", "purify"] = votes()
     name: str | None = votes(None, pattern=r"^[A-Za-z0-9_.+-]+$")
-    sigma: float | None = votes(None, gt=0)
+    sigma: float | None = votes(None, gt=0, allow_inf_nan=False)
     t_fraction: float | None = votes(None, gt=0, le=1)
     reverse: Literal["ddpm", "one_shot"] = votes("ddpm")
     steps: int | None = votes(None, ge=1, description="ddpm: S re-spaced steps; null: the full chain")
@@ -98,8 +98,8 @@ class ThreatConfig(_Strict):
     @classmethod
     def _eps(cls, v: Any) -> float:
         v = parse_eps(v)
-        if not 0 < v:
-            raise ValueError(f"eps must be > 0 (got {v})")
+        if not (0 < v < float("inf")):
+            raise ValueError(f"eps must be a finite number > 0 (got {v})")
         return v
 
     @property

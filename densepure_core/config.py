@@ -17,6 +17,7 @@ Sources of models may use the prefix ``bundled:`` for the models this project sh
 from __future__ import annotations
 
 import hashlib
+import math
 import importlib.resources
 import json
 import re
@@ -223,6 +224,10 @@ class MethodConfig(_Strict):
         if self.kind in ("rs", "dds") and (self.k != 1 or self.steps != 1):
             raise ValueError(f"method {self.kind!r} is deterministic per noisy copy: k and steps must be 1 "
                              f"(got k={self.k}, steps={self.steps}); use kind 'densepure' for votes")
+        if self.kind == "densepure" and self.steps == 1 and self.k > 1:
+            raise ValueError(f"densepure with steps: 1 is one deterministic denoiser call per copy (DDS): its k = "
+                             f"{self.k} votes would all agree; set steps >= 2 for a stochastic reverse process, "
+                             f"or use kind 'dds'")
         return self
 
     @property
@@ -347,8 +352,8 @@ class CertifyConfig(_Strict):
     @classmethod
     def _sigmas_positive(cls, v: list[float]) -> list[float]:
         for s in v:
-            if not s > 0:
-                raise ValueError(f"every sigma must be > 0 (got {s})")
+            if not (s > 0 and math.isfinite(s)):
+                raise ValueError(f"every sigma must be a finite number > 0 (got {s})")
         if len(set(v)) != len(v):
             raise ValueError(f"sigmas must be distinct (got {v})")
         return v

@@ -53,7 +53,7 @@ def test_the_hash_follows_the_rows_not_the_operations():
     ({"defenses": [{"kind": "purify", "sigma": 0.25, "reverse": "one_shot", "steps": 4}]}, "one denoiser call"),
     ({"attacks": [{"kind": "dwbox", "eot": 4}]}, "eot must be 1"),
     ({"threats": [{"norm": "linf", "eps": "8/zero"}]}, "fraction"),
-    ({"threats": [{"norm": "linf", "eps": 0}]}, "eps must be > 0"),
+    ({"threats": [{"norm": "linf", "eps": 0}]}, "eps must be a finite number > 0"),
     ({"defenses": [{"kind": "none"}], "attacks": [{"kind": "bpda"}]}, "no \\(defense, threat, attack\\)"),
     ({"diffusion": None}, "diffusion.source is required"),
     ({"threats": [{"norm": "linf", "eps": 0.1}, {"norm": "linf", "eps": 0.1}]}, "distinct names"),

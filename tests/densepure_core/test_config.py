@@ -244,3 +244,14 @@ def test_bad_input_policy():
     assert load_config(data=base(), overrides=["on_bad_input=quarantine"]).on_bad_input == "quarantine"
     with pytest.raises(ConfigError, match="on_bad_input"):
         load_config(data=base(), overrides=["on_bad_input=ignore"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("methods.2.steps=1", "steps: 1 is one deterministic denoiser call"),
+    ("sigmas=[.inf]", "finite number > 0"),
+    ("sigmas=[.nan]", "finite number > 0"),
+])
+def test_settings_that_used_to_fail_after_ray_started_are_refused_in_the_config(override, message):
+    """Issue 17, item 5: DensePure with steps 1 and k > 1, and an infinite sigma."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(data=base(), overrides=[override])
