@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
+from model_factory import attack_job
 from typer.testing import CliRunner
 
 from flows.cli import app
 from tasks.layout import ATTACKS_SCHEMA
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
-from test_attack_stage import attack_job  # noqa: E402
 
 DENSEPURE = str(Path(sys.executable).parent / "densepure")
 # wall-clock facts and the run's id; every other column is a result

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from model_factory import image_folder, tiny_classifier, tiny_ddpm
+from model_factory import attack_job
 from scipy.stats import binomtest
 
 from densepure_core.attack_config import AttackConfig
@@ -13,28 +13,6 @@ from tasks.attack_plan import PlanError, plan_attack
 from tasks.attack_summary import is_attack_out, write_attack_report
 from tasks.layout import ATTACKS_SCHEMA
 from tasks.query import connect, run_query
-
-
-def attack_job(tmp: Path, **over) -> dict:
-    """A complete, fast attack config over tiny models (bare classifier and a purifier, K = 2)."""
-    models = tmp / "models"
-    if not (models / "ddpm").exists():
-        tiny_ddpm(models / "ddpm")
-        tiny_classifier(models / "clf")
-        image_folder(tmp / "data")
-    data = {
-        "job": "attack", "run_name": "tiny-attack",
-        "dataset": {"kind": "imagefolder", "path": str(tmp / "data"), "image_size": 8},
-        "diffusion": {"source": str(models / "ddpm")},
-        "classifier": {"source": f"local-dir:{models / 'clf'}"},
-        "defenses": [{"kind": "none"}, {"kind": "purify", "t_fraction": 0.1, "steps": 2, "k": 2}],
-        "threats": [{"norm": "linf", "eps": "8/255"}],
-        "attacks": [{"kind": "pgd_eot", "iterations": 2, "eot": 2}, {"kind": "dwbox", "iterations": 2},
-                    {"kind": "bpda", "iterations": 2, "eot": 2}],
-        "score_purifications": 3, "shard_size": 4, "batch_size": 64, "seed": 2, "out": str(tmp / "out"),
-    }
-    data.update(over)
-    return data
 
 
 def run_all(cfg: AttackConfig, plan) -> list:
