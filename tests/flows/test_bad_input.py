@@ -86,7 +86,7 @@ def test_unreachable_s3_endpoint_is_a_clear_error_without_secrets(tmp_path, monk
 
 @pytest.mark.parametrize("field, value, message", [
     ("n", "0", "n: Input should be greater than or equal to 1"),
-    ("sigmas", "[0.25, -1]", "sigmas: every sigma must be > 0"),
+    ("sigmas", "[0.25, -1]", "sigmas: every sigma must be a finite number > 0"),
     ("alpha", "1.5", "alpha: Input should be less than 1"),
 ])
 def test_invalid_config_values_are_refused_before_any_work(tmp_path, field, value, message):
