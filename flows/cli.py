@@ -60,6 +60,27 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def _fail_with_cause(exc: BaseException) -> None:
+    """End a failed run with its user-facing cause as one ``error:`` line (exit code 1)."""
+    from tasks.plan import PlanError
+
+    cause = _root_cause(exc)
+    known = isinstance(cause, (PlanError, ValueError, OSError, FloatingPointError))
+    _fail(str(cause) if known else f"{type(cause).__name__}: {cause}", 1)
+
+
+def _report_result(result: dict, out: str, quarantined_noun: str, table: str) -> None:
+    """The end of a run on the terminal: stage timings, quarantined count, the report, where to query."""
+    timings = "  ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items())
+    typer.echo(f"stages: {timings}  (computed {result['computed_shards']} shards, "
+               f"{result['skipped_shards']} already complete)", err=True)
+    if result.get("quarantined"):
+        typer.echo(f"warning: {result['quarantined']} {quarantined_noun} quarantined; see the errors table "
+                   f"(densepure sql {out} \"SELECT * FROM errors\")", err=True)
+    typer.echo(result["report"])
+    typer.echo(f"results: {out}  (query them: densepure sql {out} \"SELECT * FROM {table}\")", err=True)
+
+
 class _NoTraceback(logging.Filter):
     """Console only: no Prefect error record at all; the CLI prints the error once, as ``error:``.
 
@@ -106,7 +127,6 @@ def certify(
     """Certify a dataset: plan shards, vote on Ray actors, aggregate with DuckDB, write the report."""
     cfg = _load(config, set_)
     from flows.certify import run_certify
-    from tasks.plan import PlanError
 
     _quiet_console_tracebacks()
     out = out or cfg.out
@@ -116,17 +136,8 @@ def certify(
     try:
         result = run_certify(cfg, out=out, ray_address=ray_address, allow_partial=allow_partial)
     except Exception as exc:  # noqa: BLE001 - every failure ends as one clear message, no traceback
-        cause = _root_cause(exc)
-        known = isinstance(cause, (PlanError, ValueError, OSError, FloatingPointError))
-        _fail(str(cause) if known else f"{type(cause).__name__}: {cause}", 1)
-    timings = "  ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items())
-    typer.echo(f"stages: {timings}  (computed {result['computed_shards']} shards, "
-               f"{result['skipped_shards']} already complete)", err=True)
-    if result.get("quarantined"):
-        typer.echo(f"warning: {result['quarantined']} image(s) quarantined; see the errors table "
-                   f"(densepure sql {out} \"SELECT * FROM errors\")", err=True)
-    typer.echo(result["report"])
-    typer.echo(f"results: {out}  (query them: densepure sql {out} \"SELECT * FROM accuracy\")", err=True)
+        _fail_with_cause(exc)
+    _report_result(result, out, "image(s)", "accuracy")
 
 
 @app.command()
@@ -142,7 +153,6 @@ def attack(
     white-box and BPDA, scored over M purifications; rows per (image, defense, threat, attack)."""
     cfg = _load(config, set_, attack=True)
     from flows.attack import run_attack_job
-    from tasks.plan import PlanError
 
     _quiet_console_tracebacks()
     out = out or cfg.out
@@ -152,17 +162,8 @@ def attack(
     try:
         result = run_attack_job(cfg, out=out, ray_address=ray_address)
     except Exception as exc:  # noqa: BLE001 - every failure ends as one clear message, no traceback
-        cause = _root_cause(exc)
-        known = isinstance(cause, (PlanError, ValueError, OSError, FloatingPointError))
-        _fail(str(cause) if known else f"{type(cause).__name__}: {cause}", 1)
-    timings = "  ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items())
-    typer.echo(f"stages: {timings}  (computed {result['computed_shards']} shards, "
-               f"{result['skipped_shards']} already complete)", err=True)
-    if result.get("quarantined"):
-        typer.echo(f"warning: {result['quarantined']} image-partition(s) quarantined; see the errors table "
-                   f"(densepure sql {out} \"SELECT * FROM errors\")", err=True)
-    typer.echo(result["report"])
-    typer.echo(f"results: {out}  (query them: densepure sql {out} \"SELECT * FROM attack_summary\")", err=True)
+        _fail_with_cause(exc)
+    _report_result(result, out, "image-partition(s)", "attack_summary")
 
 
 @app.command()

@@ -33,7 +33,8 @@ from densepure_core.rng import STREAM_VERSION
 from . import storage
 from .faults import fault_point
 from .layout import attack_errors_uri, attack_shard_uri, config_uri, manifest_uri, run_uri
-from .plan import PlanError, _local_dir, _versions, check_files_exist, check_labels, source_hashes
+from .plan import (PlanError, _local_dir, _versions, check_files_exist, check_labels, shard_positions,
+                   source_hashes, write_manifest)
 
 __all__ = ["AttackTask", "AttackPlan", "plan_attack", "load_attack_plan", "defense_t_star", "check_defenses"]
 
@@ -171,20 +172,13 @@ def plan_attack(cfg: AttackConfig, out: str | None = None) -> AttackPlan:
     if cfg.classifier.num_classes:
         check_labels(chosen, cfg.classifier.num_classes, f"classifier.num_classes: {cfg.classifier.num_classes}",
                      PlanError)
-    shards = [list(range(i, min(i + cfg.shard_size, len(chosen)))) for i in range(0, len(chosen), cfg.shard_size)]
+    shards = shard_positions(len(chosen), cfg.shard_size)
     partitions = cfg.partitions()
     run_id = f"{cfg.run_name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     plan = AttackPlan(out, run_id, cfg.config_hash(), chosen, shards, partitions)
     storage.write_text_atomic(config_uri(out), cfg.model_copy(update={"out": out}).to_yaml())
     fault_point("plan:after-config")
-    manifest = pa.table({
-        "position": pa.array(range(len(chosen)), pa.int32()),
-        "image_id": [r.image_id for r in chosen],
-        "uri": [r.uri for r in chosen],
-        "label": pa.array([r.label for r in chosen], pa.int32()),
-        "shard": pa.array([p // cfg.shard_size for p in range(len(chosen))], pa.int32()),
-    })
-    storage.write_parquet_atomic(manifest_uri(out), manifest)
+    write_manifest(out, chosen, cfg.shard_size)
     sources = {cfg.classifier.source} | ({cfg.diffusion.source} if cfg.diffusion else set())
     run = {
         "job": "attack", "run_id": run_id, "config_hash": plan.config_hash, "stream_version": STREAM_VERSION,

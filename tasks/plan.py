@@ -42,7 +42,8 @@ from . import storage
 from .faults import fault_point
 from .layout import config_uri, errors_uri, format_sigma, manifest_uri, run_uri, shard_uri
 
-__all__ = ["Plan", "ShardTask", "PlanError", "plan_run", "load_plan", "plan_summary", "check_labels", "check_files_exist"]
+__all__ = ["Plan", "ShardTask", "PlanError", "plan_run", "load_plan", "plan_summary", "check_labels", "check_files_exist",
+           "shard_positions", "write_manifest"]
 
 
 log = logging.getLogger("densepure.plan")
@@ -236,6 +237,23 @@ def _check_same_run(cfg: CertifyConfig, out: str) -> None:
                     f"stored config ({storage.join(out, 'config.yaml')}) to resume it.")
 
 
+def shard_positions(images: int, shard_size: int) -> list[list[int]]:
+    """Positions 0..images-1 cut into consecutive shards of ``shard_size`` (the last may be shorter)."""
+    return [list(range(i, min(i + shard_size, images))) for i in range(0, images, shard_size)]
+
+
+def write_manifest(out: str, chosen, shard_size: int) -> None:
+    """Publish ``OUT/manifest.parquet``: position, image_id, uri, label, shard of every chosen image."""
+    manifest = pa.table({
+        "position": pa.array(range(len(chosen)), pa.int32()),
+        "image_id": [r.image_id for r in chosen],
+        "uri": [r.uri for r in chosen],
+        "label": pa.array([r.label for r in chosen], pa.int32()),
+        "shard": pa.array([p // shard_size for p in range(len(chosen))], pa.int32()),
+    })
+    storage.write_parquet_atomic(manifest_uri(out), manifest)
+
+
 def check_files_exist(records, on_bad_input: str) -> None:
     """Refuse, before anything is written, images whose local file does not exist (under
     ``on_bad_input: fail``); under ``quarantine`` the workers record them in the errors table."""
@@ -287,7 +305,7 @@ def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
     num_classes = cfg.classifier.num_classes
     if num_classes:
         check_labels(chosen, num_classes, f"classifier.num_classes: {num_classes}", PlanError)
-    shards = [list(range(i, min(i + cfg.shard_size, len(chosen)))) for i in range(0, len(chosen), cfg.shard_size)]
+    shards = shard_positions(len(chosen), cfg.shard_size)
     partitions = [(float(s), m.label) for s in cfg.sigmas for m in cfg.methods]
     run_id = f"{cfg.run_name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     plan = Plan(out, run_id, cfg.config_hash(), num_classes, chosen, shards, partitions)
@@ -295,14 +313,7 @@ def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
     # config.yaml first: a process killed after it and before run.json re-plans identically.
     storage.write_text_atomic(config_uri(out), cfg.model_copy(update={"out": out}).to_yaml())
     fault_point("plan:after-config")
-    manifest = pa.table({
-        "position": pa.array(range(len(chosen)), pa.int32()),
-        "image_id": [r.image_id for r in chosen],
-        "uri": [r.uri for r in chosen],
-        "label": pa.array([r.label for r in chosen], pa.int32()),
-        "shard": pa.array([p // cfg.shard_size for p in range(len(chosen))], pa.int32()),
-    })
-    storage.write_parquet_atomic(manifest_uri(out), manifest)
+    write_manifest(out, chosen, cfg.shard_size)
     run = {
         "run_id": run_id, "config_hash": plan.config_hash, "stream_version": STREAM_VERSION,
         "num_classes": num_classes, "images": len(chosen), "shards": shards, "partitions": [list(p) for p in partitions],
