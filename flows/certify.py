@@ -95,8 +95,10 @@ def vote_task(cfg: CertifyConfig, plan: Plan, ray_address: str | None, progress:
 
 
 @task(name="aggregate")
-def aggregate_task(out: str, alpha: float, radii: list[float], expected: dict, allow_partial: bool):
-    return aggregate_mod.aggregate(out, alpha=alpha, radii=radii, expected=expected, allow_partial=allow_partial)
+def aggregate_task(out: str, alpha: float, radii: list[float], expected: dict, allow_partial: bool,
+                   quarantined: dict):
+    return aggregate_mod.aggregate(out, alpha=alpha, radii=radii, expected=expected, allow_partial=allow_partial,
+                                   quarantined=quarantined)
 
 
 @task(name="report")
@@ -120,7 +122,7 @@ def certify_flow(config: dict, out: str | None = None, ray_address: str | None =
     t0 = time.perf_counter()
     quarantined = quarantined_counts(out)
     expected = {p: n - quarantined.get(p, 0) for p, n in plan.expected_images().items()}
-    aggregate_task(out, cfg.alpha, cfg.radii, expected, allow_partial)
+    aggregate_task(out, cfg.alpha, cfg.radii, expected, allow_partial, quarantined)
     timings["aggregate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     report = report_task(out)

@@ -38,7 +38,7 @@ import pyarrow as pa
 from densepure_core.stats import ABSTAIN
 
 from . import storage
-from .aggregate_checks import AggregateError, PartitionSummary, _apply_expected, check_votes
+from .aggregate_checks import AggregateError, PartitionSummary, _apply_expected, _apply_quarantined, check_votes
 from .aggregate_sql import (
     _certificates_from_base,
     base_sql,
@@ -193,7 +193,8 @@ def build_tables(con: duckdb.DuckDBPyConnection, files: Sequence[str], *, alpha:
 
 def aggregate(out: str, *, alpha: float, radii: list[float] | None = None,
               expected: dict[tuple[float, str], int] | None = None,
-              allow_partial: bool = False) -> AggregateResult:
+              allow_partial: bool = False,
+              quarantined: dict[tuple[float, str], int] | None = None) -> AggregateResult:
     """Certify every voted image of OUT at ``alpha`` and publish the tables (stage 3).
 
     Reads ``OUT/votes/**/*.parquet``, checks them (:func:`check_votes`), computes certificates
@@ -212,6 +213,9 @@ def aggregate(out: str, *, alpha: float, radii: list[float] | None = None,
             checked. None: no check.
         allow_partial: publish even when expected images are missing; the result, summary.json
             and the report then say how many.
+        quarantined: ``{(sigma, method): images}`` in the errors table
+            (:func:`tasks.errors.quarantined_counts`); recorded per partition in summary.json, and
+            a partition whose every image was quarantined is kept there with 0 images.
 
     Returns:
         :class:`AggregateResult` with per-partition image counts and timings.
@@ -244,6 +248,7 @@ def aggregate(out: str, *, alpha: float, radii: list[float] | None = None,
             timings=timings)
     finally:
         con.close()
+    parts = _apply_quarantined(parts, quarantined)
 
     t0 = time.perf_counter()
     cert_uri, acc_uri = tables_uri(out, "certificates.parquet"), tables_uri(out, "accuracy.parquet")

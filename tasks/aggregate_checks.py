@@ -49,6 +49,8 @@ class PartitionSummary:
         abstained: images CERTIFY abstained on (0 until certificates are computed).
         expected: images the caller expected, or None when not given.
         missing: ``expected - images`` (0 when not given).
+        quarantined: images recorded in the errors table instead (on_bad_input: quarantine);
+            a partition whose every image was quarantined has images = 0 and is still listed.
     """
 
     sigma: float
@@ -61,6 +63,7 @@ class PartitionSummary:
     abstained: int = 0
     expected: int | None = None
     missing: int = 0
+    quarantined: int = 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -227,11 +230,14 @@ def _apply_expected(parts: list[PartitionSummary],
                          f"({missing} missing)")
         result.append(replace(p, expected=exp, missing=missing))
     for (sigma, method), exp in sorted(want.items()):
-        if (sigma, method) not in by_key and exp > 0:
+        if (sigma, method) in by_key:
+            continue
+        if exp > 0:
             short.append(f"sigma={sigma!r} method={method}: 0 of {exp} images ({exp} missing)")
-            result.append(PartitionSummary(sigma=sigma, method=method, run_id="", config_hash="",
-                                           num_classes=0, images=0, labeled=0,
-                                           expected=exp, missing=exp))
+        # Expected 0 (every image quarantined) stays a partition of the tables, with 0 images:
+        # it used to vanish from summary.json and the report.
+        result.append(PartitionSummary(sigma=sigma, method=method, run_id="", config_hash="",
+                                       num_classes=0, images=0, labeled=0, expected=exp, missing=exp))
     if over:
         raise AggregateError(
             f"more images than expected: {'; '.join(over)}. The votes do not belong to this "
@@ -242,3 +248,18 @@ def _apply_expected(parts: list[PartitionSummary],
             "Resume the run to vote the missing shards, or pass allow_partial=True "
             "(--allow-partial) to publish a table that says how many images are missing.")
     return sorted(result, key=lambda p: (p.sigma, p.method))
+
+
+def _apply_quarantined(parts: list[PartitionSummary],
+                       quarantined: Mapping[tuple[float, str], int] | None) -> list[PartitionSummary]:
+    """Record each partition's quarantined images; a partition with quarantined images only
+    (no votes, not in ``expected``) is added with 0 images, so it is never dropped."""
+    if not quarantined:
+        return parts
+    counts = {(float(s), str(m)): int(n) for (s, m), n in quarantined.items()}
+    by_key = {(p.sigma, p.method): p for p in parts}
+    for key in counts.keys() - by_key.keys():
+        by_key[key] = PartitionSummary(sigma=key[0], method=key[1], run_id="", config_hash="",
+                                       num_classes=0, images=0, labeled=0)
+    return sorted((replace(p, quarantined=counts.get(k, 0)) for k, p in by_key.items()),
+                  key=lambda p: (p.sigma, p.method))

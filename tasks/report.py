@@ -31,8 +31,8 @@ import pyarrow as pa
 
 from . import storage
 from .aggregate_sql import accuracy_sql
-from .errors import read_errors
-from .layout import plot_uri, report_uri, tables_uri, tsv_dir, tsv_name, votes_dir
+from .errors import quarantined_counts, read_errors
+from .layout import plot_uri, report_uri, run_uri, tables_uri, tsv_dir, tsv_name, votes_dir
 from .query import connect
 from .textfmt import markdown_table, text_table
 
@@ -170,8 +170,10 @@ def write_report(out: str, *, title: str | None = None) -> str:
         has_votes = bool(con.sql(
             "SELECT count(*) FROM duckdb_views() WHERE view_name = 'votes'").fetchall()[0][0])
         acc_rows = con.sql(accuracy_sql(REPORT_RADII, "certificates")).to_arrow_table()
+        # coalesce: no certificates at all when every image was quarantined
         meta = con.sql("""
-            SELECT list(DISTINCT alpha ORDER BY alpha), list(DISTINCT run_id ORDER BY run_id)
+            SELECT coalesce(list(DISTINCT alpha ORDER BY alpha), []),
+                   coalesce(list(DISTINCT run_id ORDER BY run_id), [])
             FROM certificates""").fetchall()[0]
         # certificates published before the sampling columns existed are all fixed CERTIFY
         cert_columns = {d[0] for d in con.sql("SELECT * FROM certificates LIMIT 0").description}
@@ -193,11 +195,15 @@ def write_report(out: str, *, title: str | None = None) -> str:
         con.close()
 
     alphas, runs = meta
+    if not alphas and summary:  # no certificates: the tables' alpha and the plan's run
+        alphas = [summary["alpha"]]
+    if not runs and storage.exists(run_uri(out)):
+        runs = [json.loads(storage.read_text(run_uri(out)))["run_id"]]
     missing_parts = [p for p in (summary or {}).get("partitions", []) if p.get("missing")]
     expected = {(p["sigma"], p["method"]): p for p in (summary or {}).get("partitions", [])}
     lines = [f"# {title or 'Certification report'}", ""]
     lines.append(f"- OUT: `{out}`")
-    lines.append(f"- run: {', '.join(f'`{r}`' for r in runs)}")
+    lines.append(f"- run: {', '.join(f'`{r}`' for r in runs) or '-'}")
     lines.append(f"- alpha: {', '.join(f'{a:g}' for a in alphas)} (one-sided Clopper-Pearson, "
                  "CERTIFY of Cohen et al. 2019)")
     if adaptive:
@@ -218,6 +224,7 @@ def write_report(out: str, *, title: str | None = None) -> str:
         lines.append("")
 
     quarantined = read_errors(out).select(["sigma", "method", "image_id", "error_type", "error"]).to_pylist()
+    per_part = quarantined_counts(out)
     if quarantined:
         lines.append(f"> **{len(quarantined)} image(s) quarantined** (on_bad_input: quarantine): not certified, "
                      "not counted in the accuracy below; `densepure sql OUT \"SELECT * FROM errors\"` lists them:")
@@ -229,6 +236,11 @@ def write_report(out: str, *, title: str | None = None) -> str:
         lines.append("")
 
     radii, table = _pivot(acc_rows)
+    radii = radii or list(REPORT_RADII)
+    # Partitions without certificates (every image quarantined, or none voted) stay in the
+    # tables with 0 images: they used to vanish, as if the method had never been run.
+    empty = sorted((set(expected) | set(per_part)) - set(abst))
+    table = sorted(table + [(s, m, 0, [None] * len(radii)) for s, m in empty])
     lines += ["## Certified accuracy (%)", ""]
     lines.append(markdown_table(
         ["sigma", "method", "images"] + [f"r = {r:g}" for r in radii],
@@ -240,25 +252,22 @@ def write_report(out: str, *, title: str | None = None) -> str:
 
     lines += ["## Images and cost", ""]
     rows = []
-    for (s, m), (images, abstained) in sorted(abst.items()):
+    for (s, m), (images, abstained) in sorted({**abst, **{k: (0, 0) for k in empty}}.items()):
         exp = expected.get((s, m), {})
         c = cost.get((s, m))
         rows.append([
             f"{s:g}", m, str(images), _num(exp.get("expected"), "d"), str(exp.get("missing", 0)),
+            str(per_part.get((s, m), 0)),
             f"{100.0 * abstained / images:.1f}" if images else "-",
             _range(c[1], c[2]) if c else "-", _range(c[3], c[4]) if c else "-",
             _range(c[5], c[6]) if c else "-", _range(c[7], c[8]) if c else "-",
             _human(c[10]) if c else "-", _human(c[11]) if c else "-",
             _human(c[12]) if c else "-", _human(c[13]) if c else "-",
         ])
-    for p in missing_parts:  # partitions with no votes at all
-        if (p["sigma"], p["method"]) not in abst:
-            rows.append([f"{p['sigma']:g}", p["method"], "0", str(p["expected"]),
-                         str(p["missing"])] + ["-"] * 9)
     lines.append(markdown_table(
-        ["sigma", "method", "images", "expected", "missing", "abstained (%)", "n0", "n", "K",
-         "S", "UNet calls / image", "classifier calls / image", "seconds / image",
-         "total seconds"], rows, "rlrrrrrrrrrrrr"))
+        ["sigma", "method", "images", "expected", "missing", "quarantined", "abstained (%)", "n0",
+         "n", "K", "S", "UNet calls / image", "classifier calls / image", "seconds / image",
+         "total seconds"], rows, "rlrrrrrrrrrrrrr"))
     lines += ["", "Calls and seconds are means over the images' vote rows (`votes`); K = votes "
               "per noisy copy, S = reverse steps.", ""]
     lines += ["## Certified accuracy vs radius", "", "![certified accuracy vs radius]"

@@ -5,26 +5,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from cli_checks import one_error_line, snapshot
 from model_factory import tiny_job
 from typer.testing import CliRunner
 
 from flows.cli import app
 
 runner = CliRunner()
-
-
-def snapshot(root):
-    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} if root.exists() else {}
-
-
-def one_error_line(result):
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    message = result.output[result.output.index("error:"):]
-    # said once: Prefect's own error records stay off the console (issue 15, item 7)
-    assert result.output.count(message.splitlines()[0][len("error: "):][:60]) == 1, result.output
-    return message
 
 
 @pytest.mark.parametrize("case", ["directory", "binary", "duplicate-key", "not-a-mapping"])

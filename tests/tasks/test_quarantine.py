@@ -55,7 +55,8 @@ def test_recomputed_shard_replaces_its_old_errors_file(tmp_path):
     assert result.images == 7 and result.missing == 0  # accepted: 7 of 7 expected
     assert "b/corrupt.png" in pq.read_table(result.certificates_uri).column("image_id").to_pylist()
     report = write_report(cfg.out)
-    assert "quarantined" not in report and "b/corrupt.png" not in report
+    assert "image(s) quarantined" not in report and "b/corrupt.png" not in report
+    assert "| 0.5 | rs | 7 | 7 | 0 | 0 |" in report  # images, expected, missing, quarantined
 
     # An OUT written before this fix: a complete shard next to its stale errors file. The vote
     # stage drops the stale file without recomputing anything (no worker, no Ray started).
