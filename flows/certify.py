@@ -32,7 +32,7 @@ from tasks import aggregate as aggregate_mod
 from tasks import report as report_mod
 from tasks import storage
 from tasks.errors import quarantined_counts
-from tasks.plan import Plan, plan_run, plan_summary
+from tasks.plan import Plan, plan_run, plan_summary, record_published_tables
 from tasks.vote import ShardResult, run_vote_stage
 
 __all__ = ["certify_flow", "certify_config_file", "ProgressPrinter", "run_certify"]
@@ -97,8 +97,10 @@ def vote_task(cfg: CertifyConfig, plan: Plan, ray_address: str | None, progress:
 @task(name="aggregate")
 def aggregate_task(out: str, alpha: float, radii: list[float], expected: dict, allow_partial: bool,
                    quarantined: dict):
-    return aggregate_mod.aggregate(out, alpha=alpha, radii=radii, expected=expected, allow_partial=allow_partial,
-                                   quarantined=quarantined)
+    result = aggregate_mod.aggregate(out, alpha=alpha, radii=radii, expected=expected, allow_partial=allow_partial,
+                                     quarantined=quarantined)
+    record_published_tables(out, result.alpha, list(result.radii))  # config.yaml says the tables' alpha
+    return result
 
 
 @task(name="report")

@@ -16,7 +16,9 @@ workers check each shard's labels against the width of the classifier they load.
 Resume: when OUT already holds a run, its ``config.yaml`` must have the same vote-determining
 fields (``CertifyConfig.vote_fields``): then the stored plan is reused as it is (same run_id,
 same shards) and only missing shards are voted. A different config is refused, never mixed in.
-Alpha and radii may change between runs: they only affect the aggregate.
+Alpha and radii may change between runs: they only affect the aggregate. Whenever the tables
+are published, :func:`record_published_tables` writes their alpha and radii into ``config.yaml``
+and ``run.json`` (``tables``), so both always say which alpha the published tables use.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from .faults import fault_point
 from .layout import config_uri, errors_uri, format_sigma, manifest_uri, run_uri, shard_uri
 
 __all__ = ["Plan", "ShardTask", "PlanError", "plan_run", "load_plan", "plan_summary", "check_labels", "check_files_exist",
-           "shard_positions", "write_manifest"]
+           "shard_positions", "write_manifest", "record_published_tables"]
 
 
 log = logging.getLogger("densepure.plan")
@@ -330,3 +332,23 @@ def plan_summary(plan: Plan) -> dict:
     return {"run_id": plan.run_id, "images": len(plan.records), "shards": len(plan.shards),
             "partitions": len(plan.partitions), "resumed": plan.resumed}
 
+
+def record_published_tables(out: str, alpha: float, radii: list[float]) -> None:
+    """Write the alpha and radii of the tables just published into ``config.yaml`` and ``run.json``.
+
+    A rerun with another alpha re-aggregates the same votes (alpha is no vote field, so the plan
+    resumes), and the tables then hold the new alpha; config.yaml kept the first run's, so it
+    contradicted them. Only these two operational fields change: the config hash, and with it
+    resuming, stays as it was. ``run.json`` gains ``tables: {alpha, radii, published_at}``.
+    Each file is rewritten atomically; OUTs without a plan (tables built by hand) are left alone.
+    """
+    if not (storage.exists(config_uri(out)) and storage.exists(run_uri(out))):
+        return
+    stored = CertifyConfig.model_validate(yaml.safe_load(storage.read_text(config_uri(out))))
+    if stored.alpha != alpha or stored.radii != list(radii):
+        storage.write_text_atomic(config_uri(out),
+                                  stored.model_copy(update={"alpha": alpha, "radii": list(radii)}).to_yaml())
+    run = json.loads(storage.read_text(run_uri(out)))
+    run["tables"] = {"alpha": alpha, "radii": list(radii),
+                     "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    storage.write_text_atomic(run_uri(out), json.dumps(run, indent=2))

@@ -50,3 +50,28 @@ def test_a_partition_whose_every_image_is_quarantined_stays_in_the_report(tmp_pa
     assert rebuilt.exit_code == 0, rebuilt.output
     assert "| 0.5 | dds | 0 | 0 | 0 | 6 | - |" in rebuilt.output
     assert snapshot(tmp_path / "out-dds" / "votes") == votes and len(votes) == 3
+
+
+def test_a_new_alpha_on_the_same_out_is_said_by_config_yaml_run_json_and_the_tables(tmp_path):
+    """Item 4: a rerun with another alpha re-aggregates the same votes (nothing voted again);
+    config.yaml, run.json and both tables then say the new alpha, and config.yaml still resumes."""
+    import pyarrow.parquet as pq
+
+    data = tiny_job(tmp_path, methods=[{"kind": "rs"}], sigmas=[0.5])
+    config = _write(tmp_path, data)
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["certify", "--config", str(config)]).exit_code == 0
+    votes = snapshot(out / "votes")
+    result = runner.invoke(app, ["certify", "--config", str(config), "--set", "alpha=0.05"])
+    assert result.exit_code == 0, result.output
+    assert "computed 0 shards" in result.output and "- alpha: 0.05 " in result.output
+    assert snapshot(out / "votes") == votes
+    stored = yaml.safe_load((out / "config.yaml").read_text())
+    run = json.loads((out / "run.json").read_text())
+    assert stored["alpha"] == 0.05 and run["tables"]["alpha"] == 0.05 and run["tables"]["radii"] == stored["radii"]
+    assert set(pq.read_table(out / "tables" / "certificates.parquet").column("alpha").to_pylist()) == {0.05}
+    assert json.loads((out / "tables" / "summary.json").read_text())["alpha"] == 0.05
+    # the rewritten config.yaml is the same run: it resumes (nothing voted), it is not "a different config"
+    again = runner.invoke(app, ["certify", "--config", str(out / "config.yaml")])
+    assert again.exit_code == 0 and "computed 0 shards" in again.output, again.output
+    assert snapshot(out / "votes") == votes
