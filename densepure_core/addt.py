@@ -24,14 +24,14 @@ reference EDM code accumulates them into the model's ``.grad``: a bug not copied
 Randomness comes from the caller: RBGM's sorted samples from a numpy ``Generator`` (full-seed
 Philox, ``rng.row_generator``), every other draw as a tensor argument.
 
-Status: the training job (``densepure train-addt`` on Ray Train) is not built yet; these are the
-functions it will call, pinned against a transcription of the reference code's formulas in
-``tests/densepure_core/test_addt.py``.
+The training step that calls them is :mod:`densepure_core.addt_train`; the job that runs it on
+Ray Train is ``densepure train-addt`` (tasks/train_addt.py). These functions are pinned against a
+transcription of the reference code's formulas in ``tests/densepure_core/test_addt.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -60,16 +60,23 @@ def linf_ratio(abar: torch.Tensor) -> torch.Tensor:
     return (abar.sqrt() / (1 - abar).sqrt()).clamp(0.0, 10.0)
 
 
-def rbgm(g: torch.Tensor, generator: np.random.Generator) -> torch.Tensor:
+def rbgm(g: torch.Tensor, generator: np.random.Generator | Sequence[np.random.Generator]) -> torch.Tensor:
     """Rank-based Gaussian mapping of ``g`` ``[B, C, H, W]`` (or any ``[B, C, ...]``).
 
     Each (image, channel) row of n = H*W values gets a fresh sorted N(0, 1) sample of length n
-    (drawn row after row from ``generator``, float32): the element of rank r in the row of g
-    receives the r-th smallest value. Same shape, dtype and device as g; rank-preserving per row
-    (ties in g keep their order of appearance, ``argsort`` being stable).
+    (float32), drawn row after row from ``generator``, or, given one generator per image, image
+    i's C rows from ``generator[i]`` (so an image's draws do not depend on its batch): the element
+    of rank r in the row of g receives the r-th smallest value. Same shape, dtype and device as
+    g; rank-preserving per row (ties in g keep their order of appearance, ``argsort`` being stable).
     """
     rows = g.detach().reshape(g.shape[0] * g.shape[1], -1)
-    z = np.sort(generator.standard_normal(tuple(rows.shape), dtype=np.float32), axis=1)
+    if isinstance(generator, np.random.Generator):
+        z = generator.standard_normal(tuple(rows.shape), dtype=np.float32)
+    else:
+        if len(generator) != g.shape[0]:
+            raise ValueError(f"rbgm: {len(generator)} generators for {g.shape[0]} images")
+        z = np.concatenate([gen.standard_normal((g.shape[1], rows.shape[1]), dtype=np.float32) for gen in generator])
+    z = np.sort(z, axis=1)
     rank = torch.argsort(torch.argsort(rows, dim=1, stable=True), dim=1, stable=True)
     sorted_z = torch.from_numpy(z).to(device=g.device, dtype=g.dtype)
     return torch.gather(sorted_z, 1, rank).reshape(g.shape)
@@ -87,8 +94,8 @@ def _mixed_xt(x0, abar, eps, delta, lam):
 
 
 def cgpo(model: EpsModel, classifier: Logits, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
-         abar: torch.Tensor, eps: torch.Tensor, delta0: torch.Tensor, generator: np.random.Generator,
-         iterations: int = 5) -> torch.Tensor:
+         abar: torch.Tensor, eps: torch.Tensor, delta0: torch.Tensor,
+         generator: np.random.Generator | Sequence[np.random.Generator], iterations: int = 5) -> torch.Tensor:
     """Classifier-guided perturbation optimisation: the adversarial, Gaussian-marginal delta.
 
     Args:
@@ -98,7 +105,7 @@ def cgpo(model: EpsModel, classifier: Logits, x0: torch.Tensor, y: torch.Tensor,
             abar: ``[B]`` abar_t.
         eps: ``[B, C, H, W]`` the N(0, I) noise the mixing uses (fixed across iterations).
         delta0: ``[B, C, H, W]`` N(0, I), the initial delta.
-        generator: RBGM's draws.
+        generator: RBGM's draws (one generator, or one per image: :func:`rbgm`).
         iterations: 5 in ADDT.
 
     Returns:

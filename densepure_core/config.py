@@ -537,6 +537,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+#: ``job:`` of a config -> (the command that runs it, what it is called in messages).
+_JOB_COMMANDS = {"attack": ("densepure attack", "an attack evaluation"),
+                 "train-addt": ("densepure train-addt", "an ADDT training")}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict | None = None, model: type[BaseModel] | None = None) -> CertifyConfig:
     """Read YAML (or take ``data``), apply overrides, validate. Raises ConfigError.
@@ -566,12 +571,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} holds a YAML {type(data).__name__}, not a mapping of fields "
                               f"(e.g. 'n: 500')")
     data = apply_overrides(json.loads(json.dumps(data)), overrides or [])
-    if isinstance(data, dict):  # the other job's config: say which command runs it
-        if model is CertifyConfig and data.get("job") == "attack":
-            raise ConfigError(f"{origin} is an attack evaluation config (job: attack): run it with "
-                              f"`densepure attack --config {origin}`")
-        if model is not CertifyConfig and "job" not in data and "methods" in data:
-            raise ConfigError(f"{origin} is a certification config (it has methods and no 'job: attack'): run it "
+    if isinstance(data, dict):  # another job's config: say which command runs it
+        job = data.get("job")
+        wanted = model.model_fields["job"].default if "job" in model.model_fields else None
+        if job != wanted and job in _JOB_COMMANDS:
+            raise ConfigError(f"{origin} is {_JOB_COMMANDS[job][1]} config (job: {job}): run it with "
+                              f"`{_JOB_COMMANDS[job][0]} --config {origin}`")
+        if model is not CertifyConfig and job is None and "methods" in data:
+            raise ConfigError(f"{origin} is a certification config (it has methods and no 'job:'): run it "
                               f"with `densepure certify --config {origin}`")
     try:
         return model.model_validate(data)

@@ -2,6 +2,7 @@
 
     densepure certify [--config FILE|PRESET] [--out DIR|s3://b/p] [--ray-address ADDR] [--set k=v ...]
     densepure attack [--config FILE|PRESET] [--out DIR|s3://b/p] [--ray-address ADDR] [--set k=v ...]
+    densepure train-addt [--config FILE|PRESET] [--out DIR|s3://b/p] [--ray-address ADDR] [--set k=v ...]
     densepure sql OUT "SELECT ..." [--alpha A] [--format table|csv|json]
     densepure report OUT
     densepure export-tsv OUT [--dest DIR]
@@ -33,6 +34,8 @@ _register_models(app)
 DEFAULT_CONFIG = "default"
 #: The config of `densepure attack` without --config (densepure_core/configs/attack_default.yaml).
 DEFAULT_ATTACK_CONFIG = "attack_default"
+#: The config of `densepure train-addt` without --config (densepure_core/configs/addt_default.yaml).
+DEFAULT_ADDT_CONFIG = "addt_default"
 
 
 @app.callback()
@@ -101,13 +104,18 @@ def _quiet_console_tracebacks() -> None:
             handler.addFilter(_NoTraceback())
 
 
-def _load(config: Path | None, overrides: list[str], *, attack: bool = False):
+def _load(config: Path | None, overrides: list[str], *, job: str = "certify"):
+    """Load and validate the config of ``job`` (certify, attack, train-addt); a bad one ends as ``error:``."""
     from densepure_core.config import ConfigError, load_config, packaged_config
 
-    model = None
-    if attack:
+    model, default = None, DEFAULT_CONFIG
+    if job == "attack":
         from densepure_core.attack_config import AttackConfig as model
-    path = config or packaged_config(DEFAULT_ATTACK_CONFIG if attack else DEFAULT_CONFIG)
+        default = DEFAULT_ATTACK_CONFIG
+    elif job == "train-addt":
+        from densepure_core.addt_config import AddtConfig as model
+        default = DEFAULT_ADDT_CONFIG
+    path = config or packaged_config(default)
     try:
         return load_config(path, overrides, model=model)
     except ConfigError as exc:
@@ -151,7 +159,7 @@ def attack(
 ):
     """Attack evaluation of purification defenses: PGD-EOT with exact gradients, deterministic
     white-box and BPDA, scored over M purifications; rows per (image, defense, threat, attack)."""
-    cfg = _load(config, set_, attack=True)
+    cfg = _load(config, set_, job="attack")
     from flows.attack import run_attack_job
 
     _quiet_console_tracebacks()
@@ -164,6 +172,34 @@ def attack(
     except Exception as exc:  # noqa: BLE001 - every failure ends as one clear message, no traceback
         _fail_with_cause(exc)
     _report_result(result, out, "image-partition(s)", "attack_summary")
+
+
+@app.command("train-addt")
+def train_addt(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config file or packaged preset name "
+                                "(addt_cifar10); default: the packaged 'addt_default' (fine-tune the bundled "
+                                "digits DDPM with the bundled clean classifier, minutes on 2 cores)."),
+    out: str = typer.Option(None, "--out", "-o", help="Output directory or s3://bucket/prefix (default: the config's out)."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (default: local Ray on loopback)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field: key=value (dotted keys, YAML values)."),
+):
+    """ADDT fine-tuning of a diffusion model (CGPO + RBGM, or the L_inf variant) on Ray Train,
+    checkpointed and resumable; writes OUT/model (a diffusion source for certify and attack)."""
+    cfg = _load(config, set_, job="train-addt")
+    from flows.train_addt import run_train_addt_job
+
+    _quiet_console_tracebacks()
+    out = out or cfg.out
+    typer.echo(f"densepure train-addt: run '{cfg.run_name}' -> {out} ({cfg.variant}, {cfg.steps} steps x batch "
+               f"{cfg.batch_size} on {cfg.workers} worker(s), checkpoint every {cfg.checkpoint_every})", err=True)
+    try:
+        result = run_train_addt_job(cfg, out=out, ray_address=ray_address)
+    except Exception as exc:  # noqa: BLE001 - every failure ends as one clear message, no traceback
+        _fail_with_cause(exc)
+    timings = "  ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items())
+    typer.echo(f"stages: {timings}", err=True)
+    typer.echo(result["report"])
+    typer.echo(f"model: {result['model']}  (metrics: densepure sql {out} \"SELECT * FROM train_metrics\")", err=True)
 
 
 @app.command()
@@ -192,8 +228,13 @@ def report(out: str = typer.Argument(..., help="A results directory or s3:// pre
     """Rebuild OUT/report.md (and, for a certification, the plot) from the stored results."""
     from tasks.attack_summary import is_attack_out, write_attack_report
     from tasks.report import write_report
+    from tasks.train_addt import is_train_out
+    from tasks.train_report import write_train_report
 
-    typer.echo(write_attack_report(out) if is_attack_out(out) else write_report(out))
+    if is_train_out(out):
+        typer.echo(write_train_report(out))
+    else:
+        typer.echo(write_attack_report(out) if is_attack_out(out) else write_report(out))
 
 
 @app.command("export-tsv")
@@ -228,25 +269,26 @@ def config_show(
                                 "(default: the packaged 'default')."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: key=value."),
 ):
-    """Validate a config (certify, or attack when it says job: attack) and print it resolved, with its config_hash."""
-    cfg = _load(config, set_, attack=_is_attack_config(config))
+    """Validate a config (certify; attack or train-addt when it says job: ...) and print it resolved, with its config_hash."""
+    cfg = _load(config, set_, job=_config_job(config))
     typer.echo(cfg.to_yaml())
     typer.echo(f"# config_hash: {cfg.config_hash()}")
 
 
-def _is_attack_config(config: Path | None) -> bool:
-    """Whether ``config`` (a file or preset) says ``job: attack``."""
+def _config_job(config: Path | None) -> str:
+    """The job a config (a file or preset) is for: its ``job:`` field, else ``certify``."""
     if config is None:
-        return False
+        return "certify"
     import yaml
 
     from densepure_core.config import ConfigError, resolve_config_path
 
     try:
         data = yaml.safe_load(resolve_config_path(config).read_text())
-    except (OSError, ConfigError, yaml.YAMLError):
-        return False  # load_config reports it
-    return isinstance(data, dict) and data.get("job") == "attack"
+    except (OSError, ConfigError, yaml.YAMLError, UnicodeDecodeError):
+        return "certify"  # load_config reports it
+    job = data.get("job") if isinstance(data, dict) else None
+    return job if job in ("attack", "train-addt") else "certify"
 
 
 def main() -> None:  # pragma: no cover

@@ -11,6 +11,8 @@ restarted actor, the rerun) see the file and go on. Points:
 - ``vote:during-write``: a shard's bytes are in a temporary file, not yet under the final name;
 - ``aggregate:after-certificates``: certificates.parquet published, accuracy and summary not;
 - ``attack:mid-shard``: an attack actor has attacked a shard in memory, nothing of it written.
+- ``train:after-step``: a Ray Train worker of ``densepure train-addt`` has finished a step (counted
+  per worker process; checkpoints are reported every ``checkpoint_every`` steps).
 
 With ``DENSEPURE_FAULT_SIGNAL=self`` only the reaching process is killed (an actor crash).
 Without ``DENSEPURE_FAULT`` every call is a dictionary lookup and returns.

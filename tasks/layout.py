@@ -43,6 +43,8 @@ __all__ = [
     "run_uri", "report_uri", "plot_uri", "tsv_dir", "names",
     "ATTACKS_SCHEMA", "ATTACK_SUMMARY_SCHEMA", "attacks_dir", "attack_errors_dir", "attack_shard_uri",
     "attack_errors_uri", "attack_files", "attack_error_files",
+    "TRAIN_METRICS_SCHEMA", "train_dir", "checkpoint_name", "model_dir", "metrics_dir", "metrics_uri",
+    "metrics_files",
 ]
 
 # ------------------------------------------------------------------------------------------
@@ -102,6 +104,7 @@ ACCURACY_SCHEMA = pa.schema([
     ("run_id", pa.string()),
     ("sigma", pa.float64()),
     ("method", pa.string()),
+    ("alpha", pa.float64()),  # the alpha of the certificates counted (one per table)
     ("radius", pa.float64()),
     ("certified_accuracy", pa.float64()),  # NULL when no image of the partition has a label
     ("images", pa.int64()),  # the denominator: images with a known label
@@ -165,6 +168,22 @@ ATTACK_SUMMARY_SCHEMA = pa.schema([
 ])
 """``OUT/tables/attack_summary.parquet`` and the ``attack_summary`` view: robust accuracy per
 (defense, threat, attack, scoring rule) with Wilson score intervals over the images."""
+
+TRAIN_METRICS_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("step", pa.int64(), nullable=False),  # optimisation steps done after this one (1-based)
+    pa.field("loss", pa.float64(), nullable=False),  # the ADDT loss, averaged over the workers
+    pa.field("grad_norm", pa.float64(), nullable=False),  # before clipping
+    pa.field("lr", pa.float64(), nullable=False),
+    pa.field("ema_decay", pa.float64(), nullable=False),
+    pa.field("mix_mean", pa.float64(), nullable=False),  # mean lambda_t (gaussian) or r_t (linf) of the batch
+    pa.field("seconds", pa.float64(), nullable=False),  # the step's wall time on rank 0
+    pa.field("workers", pa.int32(), nullable=False),
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+"""One row per optimisation step in ``OUT/metrics/steps=<first>-<last>.parquet`` (``train_metrics``
+view). A file covers the steps after one checkpoint up to the next, and is written just before
+that checkpoint: a resumed run rewrites the same file with the same rows."""
 
 # ------------------------------------------------------------------------------------------
 # paths
@@ -243,6 +262,35 @@ def attack_files(out: str) -> list[str]:
 def attack_error_files(out: str) -> list[str]:
     """Every errors file under ``OUT/attack_errors``, sorted."""
     return storage.list_files(attack_errors_dir(out), ".parquet")
+
+
+def train_dir(out: str) -> str:
+    """``OUT/train``: Ray Train's run folder (checkpoints ``step-<N>/``, its snapshot)."""
+    return storage.join(out, "train")
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder of the checkpoint after ``step`` steps: ``step-000300``."""
+    return f"step-{step:06d}"
+
+
+def model_dir(out: str) -> str:
+    """``OUT/model``: the fine-tuned model (EMA weights), a diffusers DDPMPipeline folder."""
+    return storage.join(out, "model")
+
+
+def metrics_dir(out: str) -> str:
+    return storage.join(out, "metrics")
+
+
+def metrics_uri(out: str, first: int, last: int) -> str:
+    """``OUT/metrics/steps=<first>-<last>.parquet``: the metrics of steps first..last."""
+    return storage.join(metrics_dir(out), f"steps={first:06d}-{last:06d}.parquet")
+
+
+def metrics_files(out: str) -> list[str]:
+    """Every training-metrics file under ``OUT/metrics``, sorted."""
+    return storage.list_files(metrics_dir(out), ".parquet")
 
 
 def tables_dir(out: str) -> str:

@@ -77,7 +77,8 @@ def connect(out: str, *, alpha: float | None = None) -> duckdb.DuckDBPyConnectio
 
     Views: ``votes`` (every vote shard, lazily scanned), ``certificates`` and ``accuracy``
     (docs/schema.md); for an attack OUT ``attacks`` (every attack shard) and
-    ``attack_summary`` (tasks/attack_sql.py); ``errors`` (quarantined images of either job).
+    ``attack_summary`` (tasks/attack_sql.py); for an ADDT training OUT ``train_metrics`` (one row
+    per step); ``errors`` (quarantined images of either job).
     With ``alpha`` the two tables are recomputed from the stored counts at that alpha, on
     the radius grid of the published accuracy table (or the default grid), after the same checks as the aggregate stage, except the expected-image count; nothing is
     written. Without ``alpha`` they are the published ``OUT/tables/*.parquet``; when those do
@@ -116,9 +117,10 @@ def connect(out: str, *, alpha: float | None = None) -> duckdb.DuckDBPyConnectio
         raise QueryError(f"alpha={alpha!r} re-certifies from the votes, but there are no vote "
                          f"files under {layout.votes_dir(out)}: check the OUT path")
     attack_rows = layout.attack_files(out)
-    if not files and not have_tables and not attack_rows:
-        raise QueryError(f"nothing to query under {out}: no vote files, no attack rows and no "
-                         "tables/certificates.parquet; check the path or run the pipeline")
+    train_rows = layout.metrics_files(out)
+    if not files and not have_tables and not attack_rows and not train_rows:
+        raise QueryError(f"nothing to query under {out}: no vote files, no attack rows, no training metrics "
+                         "and no tables/certificates.parquet; check the path or run the pipeline")
 
     con = duckdb.connect(":memory:")
     try:
@@ -131,6 +133,8 @@ def connect(out: str, *, alpha: float | None = None) -> duckdb.DuckDBPyConnectio
         if attack_rows:
             con.register("attacks", _dataset(attack_rows, fs, s3, layout.ATTACKS_SCHEMA))
             con.execute(f"CREATE VIEW attack_summary AS {SUMMARY_SQL}")
+        if train_rows:
+            con.register("train_metrics", _dataset(train_rows, fs, s3, layout.TRAIN_METRICS_SCHEMA))
         if alpha is not None:
             radii = None
             if have_tables:  # keep the published grid, so the two tables compare row by row

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 
-def tiny_ddpm(path: Path, channels: int = 3, size: int = 8, learned_range: bool = False) -> Path:
+def tiny_ddpm(path: Path, channels: int = 3, size: int = 8, learned_range: bool = False, dropout: float = 0.0) -> Path:
     from diffusers import DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels * (2 if learned_range else 1),
-                       block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                       block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, dropout=dropout,
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                               variance_type="learned_range" if learned_range else "fixed_small")
@@ -84,6 +84,25 @@ def attack_job(tmp: Path, **over) -> dict:
         "attacks": [{"kind": "pgd_eot", "iterations": 2, "eot": 2}, {"kind": "dwbox", "iterations": 2},
                     {"kind": "bpda", "iterations": 2, "eot": 2}],
         "score_purifications": 3, "shard_size": 4, "batch_size": 64, "seed": 2, "out": str(tmp / "out"),
+    }
+    data.update(over)
+    return data
+
+
+def addt_job(tmp: Path, **over) -> dict:
+    """A complete, fast ADDT training config over tiny models (a UNet with dropout, 2 classes)."""
+    models = tmp / "models"
+    if not (models / "ddpm-dropout").exists():
+        tiny_ddpm(models / "ddpm-dropout", dropout=0.1)
+        tiny_classifier(models / "clf")
+        image_folder(tmp / "data", per_class=5)
+    data = {
+        "job": "train-addt", "run_name": "tiny-addt",
+        "dataset": {"kind": "imagefolder", "path": str(tmp / "data"), "image_size": 8},
+        "diffusion": {"source": str(models / "ddpm-dropout")},
+        "classifier": {"source": f"local-dir:{models / 'clf'}"},
+        "steps": 6, "batch_size": 4, "workers": 2, "checkpoint_every": 2, "log_every": 1, "seed": 5,
+        "out": str(tmp / "out"),
     }
     data.update(over)
     return data
