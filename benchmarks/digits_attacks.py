@@ -116,15 +116,18 @@ def render(cfg, summary: list[dict], paired: list[dict], seconds: float) -> str:
     return "\n".join(lines)
 
 
-def write_page(page: Path, block: str) -> None:
+def write_page(page: Path, block: str, begin: str = BEGIN, end: str = END,
+               title: str = "# Attack evaluation of the digits models") -> None:
+    """Put ``block`` (which starts with ``begin`` and ends with ``end``) between the page's markers,
+    keeping the prose around them; a page without markers gets it appended, a new page a title."""
     if page.exists():
         text = page.read_text()
-        if BEGIN in text and END in text:
-            text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        if begin in text and end in text:
+            text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
         else:
             text = text.rstrip() + "\n\n" + block + "\n"
     else:
-        text = "# Attack evaluation of the digits models\n\n" + block + "\n"
+        text = title + "\n\n" + block + "\n"
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(text)
 

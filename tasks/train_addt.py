@@ -87,13 +87,13 @@ def _check_same_run(cfg: AddtConfig, out: str) -> None:
     stored = yaml.safe_load(storage.read_text(config_uri(out))) or {}
     if stored.get("job") != "train-addt":
         kind = "an attack evaluation" if stored.get("job") == "attack" else "a certification run"
-        raise PlanError(f"{out} holds {kind}; an ADDT training run needs its own OUT: choose another --out")
+        raise PlanError(f"an ADDT training run needs its own OUT, but {out} holds {kind}: choose another --out")
     stored_cfg = AddtConfig.model_validate(stored)
     if stored_cfg.config_hash() == cfg.config_hash():
         return
     a, b = stored_cfg.vote_fields(), cfg.vote_fields()
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    raise PlanError(f"{out} already holds an ADDT run with a different config (fields that differ: {', '.join(diff)};"
+    raise PlanError(f"a different ADDT config was already trained in {out} (fields that differ: {', '.join(diff)};"
                     f" stored config_hash {stored_cfg.config_hash()}, this one {cfg.config_hash()}). Checkpoints of "
                     f"different configs are never mixed: choose another --out, or rerun with the stored config "
                     f"({config_uri(out)}) to resume it (raising steps is allowed: it continues the run).")

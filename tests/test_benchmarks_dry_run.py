@@ -88,3 +88,12 @@ def test_undefended_digits_benchmark_dry_run(capsys):
     assert result["images"] == 20 and 0 <= result["pgd20_12"] <= result["pgd20_8"] <= result["clean"]
     assert result["restarts_and_targeted_8"] <= result["restarts2_8"]
     assert last_line_of(capsys.readouterr().out)["dry_run"] == "True"
+
+
+@pytest.mark.slow
+def test_digits_addt_benchmark_dry_run(capsys):
+    """Train (2 steps), attack and certify both models through the three flows (~2 min: three
+    local Rays and Prefect runs, hence slow; `make test-slow`)."""
+    result = load("digits_addt").main(["--dry-run"])
+    line = last_line(capsys)
+    assert line["dry_run"] == "True" and line["train_steps"] == "2" and result["final_loss"] > 0

@@ -98,21 +98,23 @@ def test_the_fault_driver_record_is_explicit(monkeypatch):
 
 def test_every_prefect_deployment_names_a_flow_and_a_config_it_can_load():
     """prefect.yaml's entrypoints import to Prefect flows, and each config_path loads with the
-    config type of its flow (certify: CertifyConfig; attack: AttackConfig)."""
+    config type of its flow (certify: CertifyConfig; attack: AttackConfig; train-addt: AddtConfig)."""
     import importlib
 
     import yaml
     from prefect import Flow
 
+    from densepure_core.addt_config import AddtConfig
     from densepure_core.attack_config import AttackConfig
     from densepure_core.config import load_config
 
     deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
     assert {d["entrypoint"] for d in deployments} == {"flows/certify.py:certify_config_file",
-                                                      "flows/attack.py:attack_config_file"}
+                                                      "flows/attack.py:attack_config_file",
+                                                      "flows/train_addt.py:train_addt_config_file"}
     for d in deployments:
         path, name = d["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
         assert isinstance(flow, Flow)
-        model = AttackConfig if "attack" in name else None
+        model = AddtConfig if "addt" in name else AttackConfig if "attack" in name else None
         assert load_config(d["parameters"]["config_path"], model=model).run_name

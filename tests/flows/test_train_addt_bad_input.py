@@ -1,0 +1,55 @@
+"""`densepure train-addt` refuses bad input before any worker starts: one ``error:`` line naming
+the input and the fix, a non-zero exit, and a finished OUT left as it was."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from cli_checks import one_error_line, snapshot
+from model_factory import addt_job
+from typer.testing import CliRunner
+
+from densepure_core.addt_config import AddtConfig
+from flows.cli import app
+from tasks.train_addt import plan_training
+
+runner = CliRunner()
+
+
+def _write(tmp_path, data, name="job.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_unlabelled_training_images_are_refused_at_plan_time(tmp_path):
+    data = addt_job(tmp_path)
+    images = sorted((tmp_path / "data").rglob("*.png"))
+    pq.write_table(pa.table({"image_id": [p.stem + p.parent.name for p in images], "uri": [str(p) for p in images],
+                             "label": [-1] + [0] * (len(images) - 1)}), tmp_path / "train.parquet")
+    data["dataset"] = {"kind": "manifest", "path": str(tmp_path / "train.parquet"), "image_size": 8}
+    result = runner.invoke(app, ["train-addt", "--config", str(_write(tmp_path, data))])
+    assert result.exit_code == 1
+    message = one_error_line(result)
+    assert "has no label (-1)" in message and "CGPO" in message and "Label them" in message
+
+
+def test_a_different_config_on_a_trained_out_is_refused_and_the_out_kept(tmp_path):
+    data = addt_job(tmp_path)
+    plan_training(AddtConfig.model_validate(data))  # an OUT holding this run's plan
+    before = snapshot(tmp_path / "out")
+    changed = dict(data, lr=1e-3)
+    result = runner.invoke(app, ["train-addt", "--config", str(_write(tmp_path, changed))])
+    assert result.exit_code == 1
+    message = one_error_line(result)
+    assert "different config" in message and "lr" in message and "choose another --out" in message
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_an_attack_out_is_not_a_training_out(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("job: attack\n")
+    result = runner.invoke(app, ["train-addt", "--config", str(_write(tmp_path, addt_job(tmp_path)))])
+    assert result.exit_code == 1
+    assert "needs its own OUT" in (message := one_error_line(result)) and "holds an attack evaluation" in message
+    assert (out / "config.yaml").read_text() == "job: attack\n"
