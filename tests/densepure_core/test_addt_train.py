@@ -133,3 +133,22 @@ def test_two_equal_slices_average_to_the_full_batch_gradient(models):
         halves.append([p.grad.clone() for p in t.unet.parameters()])
     for g, a, b in zip(grads, *halves):
         torch.testing.assert_close(g, (a + b) / 2, rtol=1e-4, atol=1e-7)
+
+
+def test_the_linf_variant_trains_with_its_own_mixing_weight(models):
+    trainer, cfg = make_trainer(models, variant="linf", linf_radius="8/255", linf_step="4/255")
+    before = [p.clone() for p in trainer.unet.parameters()]
+    (m,) = run_steps(trainer, cfg, 1)
+    t = step_draws(cfg.seed, 0, range(4), SHAPE, 1000).t
+    assert m["mix_mean"] == pytest.approx(float(addt.linf_ratio(trainer.abar[t]).mean()))
+    assert np.isfinite(m["loss"]) and any(not torch.equal(a, b) for a, b in zip(before, trainer.unet.parameters()))
+
+
+def test_bf16_autocast_runs_on_cpu_and_stays_close_to_fp32(models):
+    """Mixed precision is for GPUs (bf16 or fp16 with a gradient scaler); bf16 autocast also runs
+    on a CPU, which checks the wiring: the first step's loss is within bf16's precision of fp32's."""
+    fp32, cfg = make_trainer(models)
+    bf16, cfg16 = make_trainer(models, precision="bf16")
+    (a,) = run_steps(fp32, cfg, 1)
+    (b,) = run_steps(bf16, cfg16, 1)
+    assert b["loss"] == pytest.approx(a["loss"], rel=0.05) and b["loss"] != a["loss"]

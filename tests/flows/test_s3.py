@@ -43,3 +43,32 @@ def test_certify_and_query_on_s3(tmp_path, s3_endpoint, monkeypatch):
     q = runner.invoke(app, ["sql", out, "SELECT method, count(*) AS images FROM certificates GROUP BY 1 ORDER BY 1",
                             "--format", "json"], catch_exceptions=False)
     assert json.loads(q.output) == [{"method": "dds", "images": 6}, {"method": "rs", "images": 6}]
+
+
+def test_train_addt_checkpoints_metrics_and_model_on_s3(tmp_path, s3_endpoint, monkeypatch):
+    """Ray Train persists its checkpoints to OUT on S3 (through s3fs), the metrics and the model
+    land there too, a rerun with more steps resumes from the S3 checkpoint, and the model loads
+    from s3:// as a diffusion source."""
+    from model_factory import addt_job
+
+    from densepure_core.models import load_diffusion
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    fs.mkdir("addt-bucket")
+    out = "s3://addt-bucket/runs/addt"
+    config = tmp_path / "addt.yaml"
+    config.write_text(yaml.safe_dump(addt_job(tmp_path, steps=2, workers=1, checkpoint_every=1)))
+    result = runner.invoke(app, ["train-addt", "--config", str(config), "--out", out], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    more = runner.invoke(app, ["train-addt", "--config", str(config), "--out", out, "--set", "steps=3"],
+                         catch_exceptions=False)
+    assert more.exit_code == 0, more.output
+    keys = fs.find("addt-bucket/runs/addt")
+    assert "addt-bucket/runs/addt/train/step-000003/training_state.pt" in keys
+    assert sorted(k.rsplit("/", 1)[1] for k in keys if "/metrics/" in k) == [
+        "steps=000001-000001.parquet", "steps=000002-000002.parquet", "steps=000003-000003.parquet"]
+    sql = runner.invoke(app, ["sql", out, "SELECT count(*) FROM train_metrics", "--format", "csv"])
+    assert sql.output.splitlines()[1] == "3", sql.output
+    model = load_diffusion(f"{out}/model", cache_dir=tmp_path / "cache")
+    assert model.unet.config.sample_size == 8
