@@ -83,12 +83,17 @@ class TrainProgress:
 
 # -- stage 1: the plan ------------------------------------------------------------------------
 
-def _check_same_run(cfg: AddtConfig, out: str) -> None:
+def _check_same_job(out: str) -> dict:
+    """The stored config of OUT; refuse an OUT of another job."""
     stored = yaml.safe_load(storage.read_text(config_uri(out))) or {}
     if stored.get("job") != "train-addt":
         kind = "an attack evaluation" if stored.get("job") == "attack" else "a certification run"
         raise PlanError(f"an ADDT training run needs its own OUT, but {out} holds {kind}: choose another --out")
-    stored_cfg = AddtConfig.model_validate(stored)
+    return stored
+
+
+def _check_same_run(cfg: AddtConfig, out: str) -> None:
+    stored_cfg = AddtConfig.model_validate(_check_same_job(out))
     if stored_cfg.config_hash() == cfg.config_hash():
         return
     a, b = stored_cfg.vote_fields(), cfg.vote_fields()
@@ -99,13 +104,45 @@ def _check_same_run(cfg: AddtConfig, out: str) -> None:
                     f"({config_uri(out)}) to resume it (raising steps is allowed: it continues the run).")
 
 
+def _check_models(cfg: AddtConfig, first: ImageRecord) -> int:
+    """Load both models once on the driver (CPU) and the first image: a wrong source, a broken
+    checkpoint or an image the UNet cannot take fails here, before Ray starts. Returns the
+    classifier's number of classes."""
+    import torch
+
+    from densepure_core.config import resolve_source
+    from densepure_core.data.sources import DatasetError, load_image
+    from densepure_core.models import ModelLoadError, load_classifier, load_diffusion
+
+    from .vote import check_image_fits
+
+    c = cfg.classifier
+    try:
+        dm = load_diffusion(resolve_source(cfg.diffusion.source), allow_pickle=cfg.allow_pickle)
+        clf = load_classifier(resolve_source(c.source), num_classes=c.num_classes, model_name=c.model_name,
+                              input_size=c.input_size, interpolation=c.interpolation, mean=c.mean, std=c.std,
+                              allow_pickle=cfg.allow_pickle)
+        image = load_image(first, cfg.dataset)
+        check_image_fits(image, first, dm.unet)
+    except (ModelLoadError, DatasetError) as exc:
+        raise PlanError(str(exc)) from exc
+    with torch.no_grad():  # the classifier sees what CGPO gives it: an image of this shape in [0, 1]
+        return int(clf(image[None]).shape[-1])
+
+
 def plan_training(cfg: AddtConfig, out: str | None = None) -> TrainPlan:
-    """Choose and check the training images and record the run in ``out`` (default ``cfg.out``)."""
+    """Check the images and models, and record the run in ``out`` (default ``cfg.out``).
+
+    Everything checkable is checked before anything is written. An OUT whose run has no
+    checkpoint yet (a failed start) takes a changed config: it simply re-plans.
+    """
     out = out or cfg.out
-    resumed = storage.exists(config_uri(out))
+    resumed = storage.exists(config_uri(out)) and latest_checkpoint(out) is not None
     if resumed:
         _check_same_run(cfg, out)
-    records, num_classes = enumerate_records(cfg.dataset)
+    elif storage.exists(config_uri(out)):
+        _check_same_job(out)
+    records, _ = enumerate_records(cfg.dataset)
     chosen = select_records(records, cfg.dataset)
     check_files_exist(chosen, "fail")  # a training batch cannot skip an image: every one must exist
     unknown = [r for r in chosen if r.label < 0]
@@ -113,9 +150,8 @@ def plan_training(cfg: AddtConfig, out: str | None = None) -> TrainPlan:
         raise PlanError(f"training image {unknown[0].image_id!r} ({unknown[0].uri}) has no label (-1), and "
                         f"{len(unknown)} image(s) in all: CGPO maximises the classifier's loss on the true label. "
                         f"Label them, or choose labelled images (dataset.start/every/max_images).")
-    width = cfg.classifier.num_classes or num_classes
-    if width:
-        check_labels(chosen, width, f"classifier.num_classes: {width}", PlanError)
+    width = _check_models(cfg, chosen[0])
+    check_labels(chosen, width, f"the classifier has {width} outputs", PlanError)
     if len(chosen) < cfg.batch_size:
         log.warning("%d training images < batch_size %d: a batch repeats images (across epochs)", len(chosen),
                     cfg.batch_size)

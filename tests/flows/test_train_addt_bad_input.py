@@ -1,6 +1,8 @@
 """`densepure train-addt` refuses bad input before any worker starts: one ``error:`` line naming
 the input and the fix, a non-zero exit, and a finished OUT left as it was."""
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
@@ -33,9 +35,17 @@ def test_unlabelled_training_images_are_refused_at_plan_time(tmp_path):
     assert "has no label (-1)" in message and "CGPO" in message and "Label them" in message
 
 
+def _trained_out(tmp_path, data):
+    """An OUT with this run's plan and, as after a first checkpoint, Ray Train's snapshot naming it."""
+    plan_training(AddtConfig.model_validate(data))
+    (tmp_path / "out" / "train").mkdir()
+    (tmp_path / "out" / "train" / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "step-000002"}}))
+
+
 def test_a_different_config_on_a_trained_out_is_refused_and_the_out_kept(tmp_path):
     data = addt_job(tmp_path)
-    plan_training(AddtConfig.model_validate(data))  # an OUT holding this run's plan
+    _trained_out(tmp_path, data)
     before = snapshot(tmp_path / "out")
     changed = dict(data, lr=1e-3)
     result = runner.invoke(app, ["train-addt", "--config", str(_write(tmp_path, changed))])
@@ -53,3 +63,27 @@ def test_an_attack_out_is_not_a_training_out(tmp_path):
     assert result.exit_code == 1
     assert "needs its own OUT" in (message := one_error_line(result)) and "holds an attack evaluation" in message
     assert (out / "config.yaml").read_text() == "job: attack\n"
+
+
+def test_an_out_whose_run_never_checkpointed_takes_a_corrected_config(tmp_path):
+    """A failed start (plan written, nothing trained) does not lock the OUT: the fixed config re-plans."""
+    data = addt_job(tmp_path)
+    plan_training(AddtConfig.model_validate(data))
+    fixed = AddtConfig.model_validate(dict(data, lr=1e-3))
+    plan = plan_training(fixed)
+    assert plan.config_hash == fixed.config_hash() and not plan.resumed
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["lr"] == 1e-3
+
+
+def test_a_wrong_model_or_image_size_is_refused_before_anything_is_written(tmp_path):
+    missing = dict(addt_job(tmp_path), diffusion={"source": str(tmp_path / "no-such-model")})
+    result = runner.invoke(app, ["train-addt", "--config", str(_write(tmp_path, missing))])
+    assert result.exit_code == 1
+    assert "no-such-model" in one_error_line(result)
+    assert not (tmp_path / "out").exists()
+    wrong_size = addt_job(tmp_path)
+    wrong_size["dataset"] = dict(wrong_size["dataset"], image_size=12)
+    result = runner.invoke(app, ["train-addt", "--config", str(_write(tmp_path, wrong_size, "size.yaml"))])
+    assert result.exit_code == 1
+    assert "takes 3x8x8" in one_error_line(result)
+    assert not (tmp_path / "out").exists()
