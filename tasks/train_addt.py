@@ -48,7 +48,7 @@ from densepure_core.data.sources import ImageRecord, enumerate_records, select_r
 
 from . import storage
 from .faults import fault_point
-from .layout import (TRAIN_METRICS_SCHEMA, checkpoint_name, config_uri, metrics_uri, model_dir,
+from .layout import (TRAIN_METRICS_SCHEMA, checkpoint_name, config_uri, metrics_files, metrics_uri, model_dir,
                      run_uri, train_dir)
 from .plan import PlanError, _versions, check_files_exist, check_labels, source_hashes, write_manifest
 
@@ -191,6 +191,16 @@ def _write_metrics(out: str, run_id: str, rows: list[dict], workers: int) -> Non
     storage.write_parquet_atomic(metrics_uri(out, rows[0]["step"], rows[-1]["step"]), table)
 
 
+def _drop_metrics_after(out: str, step: int) -> None:
+    """Remove metrics files of steps after ``step`` (the checkpoint a run resumes from): written
+    by a run killed before its next checkpoint was saved. Same-named files would be rewritten
+    anyway; this also covers a rerun with another ``checkpoint_every``, whose file ranges differ."""
+    for uri in metrics_files(out):
+        last = int(posixpath.basename(uri).removesuffix(".parquet").rsplit("-", 1)[1])
+        if last > step:
+            storage.remove(uri)
+
+
 def _save_checkpoint(trainer, scheduler, folder: str) -> None:
     import torch
     from diffusers import DDPMPipeline
@@ -232,6 +242,8 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as folder:
             trainer.load_state_dict(torch.load(os.path.join(folder, STATE_FILE), map_location=device,
                                                weights_only=True))
+    if rank == 0:
+        _drop_metrics_after(out, trainer.step)
     images = _Images(records, cfg.dataset)
     shape = tuple(images.get(0).shape)
     labels = torch.tensor([r.label for r in records], dtype=torch.long)
