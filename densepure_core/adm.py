@@ -704,6 +704,10 @@ def convert_adm_checkpoint(checkpoint: str | os.PathLike | Mapping[str, torch.Te
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise AdmConversionError(f"{out_dir} already exists and is not empty; pass --overwrite "
                                  f"(overwrite=True) to replace it, or choose another OUT_DIR")
+    if not isinstance(checkpoint, Mapping) and not Path(checkpoint).expanduser().is_file():
+        # first: a wrong path is the likeliest mistake, and no flag can fix it
+        raise AdmConversionError(f"checkpoint {checkpoint}: no such file; give the path of the ADM .pt "
+                                 f"(or .safetensors) file")
     _check_representable(cfg)
     source: dict[str, Any]
     if isinstance(checkpoint, Mapping):

@@ -56,10 +56,12 @@ class ProgressPrinter:
         elapsed = time.perf_counter() - self.start
         rate = self.computed / elapsed if elapsed > 0 else 0.0
         remaining = self.total - self.done
-        eta = remaining / rate if rate > 0 else float("nan")
+        # No rate before the first computed shard (a resumed run reports its complete shards
+        # first): the ETA is unknown then, not "nan".
+        eta = f"{remaining / rate:.0f}s" if rate > 0 else ("0s" if remaining <= 0 else "-")
         tag = "skipped (complete)" if res.skipped else f"{res.seconds:.1f}s"
         print(f"  [vote] {self.done}/{self.total} images ({100 * self.done / max(1, self.total):.0f}%)  "
-              f"{rate:.2f} img/s  ETA {eta:.0f}s  | sigma={res.sigma} {res.method} shard {res.shard} {tag}",
+              f"{rate:.2f} img/s  ETA {eta}  | sigma={res.sigma} {res.method} shard {res.shard} {tag}",
               file=self.stream, flush=True)
 
 

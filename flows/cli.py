@@ -72,6 +72,13 @@ def _fail_with_cause(exc: BaseException) -> None:
     _fail(str(cause) if known else f"{type(cause).__name__}: {cause}", 1)
 
 
+def _interrupted(out: str) -> None:
+    """End a run stopped by Ctrl-C (SIGINT): say that it resumes, exit 130 (the shell's code for it)."""
+    typer.secho(f"interrupted: finished shards under {out} are kept; rerun the same command to resume",
+                fg=typer.colors.YELLOW, err=True)
+    raise typer.Exit(130)
+
+
 def _report_result(result: dict, out: str, quarantined_noun: str, table: str) -> None:
     """The end of a run on the terminal: stage timings, quarantined count, the report, where to query."""
     timings = "  ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items())
@@ -143,6 +150,8 @@ def certify(
                err=True)
     try:
         result = run_certify(cfg, out=out, ray_address=ray_address, allow_partial=allow_partial)
+    except KeyboardInterrupt:
+        _interrupted(out)
     except Exception as exc:  # noqa: BLE001 - every failure ends as one clear message, no traceback
         _fail_with_cause(exc)
     _report_result(result, out, "image(s)", "accuracy")
@@ -169,6 +178,8 @@ def attack(
                f"M={cfg.score_purifications})", err=True)
     try:
         result = run_attack_job(cfg, out=out, ray_address=ray_address)
+    except KeyboardInterrupt:
+        _interrupted(out)
     except Exception as exc:  # noqa: BLE001 - every failure ends as one clear message, no traceback
         _fail_with_cause(exc)
     _report_result(result, out, "image-partition(s)", "attack_summary")
@@ -231,10 +242,13 @@ def report(out: str = typer.Argument(..., help="A results directory or s3:// pre
     from tasks.train_addt import is_train_out
     from tasks.train_report import write_train_report
 
-    if is_train_out(out):
-        typer.echo(write_train_report(out))
-    else:
-        typer.echo(write_attack_report(out) if is_attack_out(out) else write_report(out))
+    try:  # an empty, partial or foreign OUT ends as one error: line naming what to run first
+        if is_train_out(out):
+            typer.echo(write_train_report(out))
+        else:
+            typer.echo(write_attack_report(out) if is_attack_out(out) else write_report(out))
+    except Exception as exc:  # noqa: BLE001
+        _fail_with_cause(exc)
 
 
 @app.command("export-tsv")
@@ -245,7 +259,11 @@ def export_tsv(
     """Write Cohen-style `idx label predict radius correct time` files, one per (sigma, method)."""
     from tasks.report import export_tsv as _export
 
-    for path in _export(out, dest):
+    try:
+        paths = _export(out, dest)
+    except Exception as exc:  # noqa: BLE001 - an empty or partial OUT: one error: line, no traceback
+        _fail_with_cause(exc)
+    for path in paths:
         typer.echo(path)
 
 

@@ -31,28 +31,40 @@ def convert_adm(
                                    "save_pretrained, safetensors)."),
     preset: str = typer.Option(None, "--preset", help="imagenet256-uncond or cifar10-improved: "
                                "the released models' flags (explicit flags below override)."),
-    image_size: int = typer.Option(None, "--image-size"),
-    num_channels: int = typer.Option(None, "--num-channels"),
-    num_res_blocks: int = typer.Option(None, "--num-res-blocks"),
+    image_size: int = typer.Option(None, "--image-size", help="Training resolution (picks the default "
+                                   "--channel-mult; the UNet's sample_size)."),
+    num_channels: int = typer.Option(None, "--num-channels", help="Base width (model_channels)."),
+    num_res_blocks: int = typer.Option(None, "--num-res-blocks", help="ResBlocks per level."),
     channel_mult: str = typer.Option(None, "--channel-mult", help="e.g. 1,1,2,2,4,4 (default: "
                                      "by image size)."),
     attention_resolutions: str = typer.Option(None, "--attention-resolutions",
                                               help="e.g. 32,16,8"),
-    num_heads: int = typer.Option(None, "--num-heads"),
-    num_head_channels: int = typer.Option(None, "--num-head-channels"),
-    num_heads_upsample: int = typer.Option(None, "--num-heads-upsample"),
-    learn_sigma: bool = typer.Option(None, "--learn-sigma/--no-learn-sigma"),
-    sigma_small: bool = typer.Option(None, "--sigma-small/--no-sigma-small"),
-    class_cond: bool = typer.Option(None, "--class-cond/--no-class-cond"),
-    resblock_updown: bool = typer.Option(None, "--resblock-updown/--no-resblock-updown"),
+    num_heads: int = typer.Option(None, "--num-heads", help="Heads per attention block (when "
+                                  "--num-head-channels is -1)."),
+    num_head_channels: int = typer.Option(None, "--num-head-channels", help="Fixed channels per head "
+                                          "(-1: use --num-heads)."),
+    num_heads_upsample: int = typer.Option(None, "--num-heads-upsample", help="Heads in the up path "
+                                           "(-1: --num-heads)."),
+    learn_sigma: bool = typer.Option(None, "--learn-sigma/--no-learn-sigma", help="2C output channels: "
+                                     "a learned-range variance."),
+    sigma_small: bool = typer.Option(None, "--sigma-small/--no-sigma-small", help="Fixed small variance "
+                                     "without --learn-sigma (else fixed large)."),
+    class_cond: bool = typer.Option(None, "--class-cond/--no-class-cond", help="Class-conditional "
+                                    "(refused: certification needs an unconditional model)."),
+    resblock_updown: bool = typer.Option(None, "--resblock-updown/--no-resblock-updown",
+                                         help="ResBlocks do the up- and downsampling."),
     use_scale_shift_norm: bool = typer.Option(None, "--use-scale-shift-norm/"
-                                              "--no-use-scale-shift-norm"),
+                                              "--no-use-scale-shift-norm", help="FiLM-like "
+                                              "norm(h) * (1 + scale) + shift in the ResBlocks."),
     use_new_attention_order: bool = typer.Option(None, "--use-new-attention-order/"
-                                                 "--no-use-new-attention-order"),
-    dropout: float = typer.Option(None, "--dropout"),
-    diffusion_steps: int = typer.Option(None, "--diffusion-steps"),
+                                                 "--no-use-new-attention-order", help="guided-diffusion's "
+                                                 "QKVAttention (q, k, v split before the heads)."),
+    dropout: float = typer.Option(None, "--dropout", help="Training dropout (recorded; inactive "
+                                  "when certifying)."),
+    diffusion_steps: int = typer.Option(None, "--diffusion-steps", help="T, the diffusion's steps."),
     noise_schedule: str = typer.Option(None, "--noise-schedule", help="linear or cosine"),
-    predict_xstart: bool = typer.Option(None, "--predict-xstart/--no-predict-xstart"),
+    predict_xstart: bool = typer.Option(None, "--predict-xstart/--no-predict-xstart", help="The model "
+                                        "predicts x0 instead of the noise."),
     rescale_timesteps: bool = typer.Option(None, "--rescale-timesteps/--no-rescale-timesteps",
                                            help="the model was fed t*1000/T (improved-diffusion's "
                                                 "default; guided-diffusion's is off)."),
@@ -96,7 +108,10 @@ def convert_adm(
                                      overwrite=overwrite)
         uc = unet_config(cfg)
     except AdmConversionError as exc:
-        _fail(str(exc))
+        hint = ("" if preset or given or "no such file" in str(exc) else
+                f" (without --preset, guided-diffusion's default flags were used: pass --preset "
+                f"{' or '.join(ADM_PRESETS)}, or the flags the checkpoint was trained with)")
+        _fail(f"{exc}{hint}")
     typer.echo(f"converted {checkpoint} -> {out}/unet + {out}/scheduler "
                f"({len(uc['block_out_channels'])} levels {list(uc['block_out_channels'])}, "
                f"time embedding {uc['time_embedding_type']}, "

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -246,8 +247,18 @@ def aggregate(out: str, *, alpha: float, radii: list[float] | None = None,
         certificates, accuracy, parts = build_tables(
             con, files, alpha=a, radii=grid, expected=expected, allow_partial=allow_partial,
             timings=timings)
-    finally:
+    except Exception as exc:
+        # The traceback's frames hold the DuckDB connection and its relations, and Prefect keeps
+        # a failed task's error until the interpreter exits, when nanobind then reported them
+        # as leaked (screens of warnings after the error: line). Drop the frames; the message
+        # is the whole story.
+        traceback.clear_frames(exc.__traceback__)
         con.close()
+        con = None
+        raise exc.with_traceback(None) from None
+    finally:
+        if con is not None:
+            con.close()
     parts = _apply_quarantined(parts, quarantined)
 
     t0 = time.perf_counter()

@@ -179,7 +179,8 @@ def accuracy_sql(radii: Iterable[float] | None = None, source: str = "certificat
     return f"""
 WITH grid AS (SELECT * FROM (VALUES {values}) g(radius)),
 totals AS (
-    SELECT run_id, sigma, method, count(correct) AS images FROM {source} GROUP BY ALL
+    SELECT run_id, sigma, method, min(alpha) AS alpha, count(correct) AS images
+    FROM {source} GROUP BY run_id, sigma, method
 ),
 placed AS (
     SELECT c.run_id, c.sigma, c.method, g.radius, count(*) AS hits
@@ -187,7 +188,7 @@ placed AS (
     ASOF JOIN grid g ON c.radius >= g.radius
     GROUP BY ALL
 )
-SELECT t.run_id, t.sigma, t.method, g.radius,
+SELECT t.run_id, t.sigma, t.method, t.alpha, g.radius,
        CASE WHEN t.images = 0 THEN NULL
             ELSE coalesce(sum(p.hits), 0) / t.images END::DOUBLE AS certified_accuracy,
        t.images::BIGINT AS images
@@ -195,7 +196,7 @@ FROM totals t CROSS JOIN grid g
 LEFT JOIN placed p
        ON p.run_id = t.run_id AND p.sigma = t.sigma AND p.method = t.method
       AND p.radius >= g.radius
-GROUP BY t.run_id, t.sigma, t.method, g.radius, t.images
+GROUP BY t.run_id, t.sigma, t.method, t.alpha, g.radius, t.images
 ORDER BY t.sigma, t.method, g.radius
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,8 +21,13 @@ from .faults import record_driver_process_group
 __all__ = ["run_on_actors"]
 
 
-def _start_local_ray(num_cpus: int | None = None) -> None:
-    """Start Ray on loopback only (no dashboard; session files in a private temp dir)."""
+def _start_local_ray(num_cpus: int | None = None) -> str:
+    """Start Ray on loopback only (no dashboard); returns the private temp dir of its session files.
+
+    The dir is new (under ``$RAY_TMPDIR`` when set, else the system's temp dir) and the caller
+    removes it after ``ray.shutdown()``: each run used to leave one behind. Its name is short:
+    Ray's socket paths inside it must fit in 107 bytes.
+    """
     # Without this Ray binds its services to the machine's non-loopback address. Ray reads the
     # variable once, at import, into ray_constants (the driver) and again in every process it
     # spawns (raylet, workers): set both, then verify.
@@ -45,14 +51,20 @@ def _start_local_ray(num_cpus: int | None = None) -> None:
             f"and pass --ray-address 127.0.0.1:6379")
     ray_constants.ENABLE_RAY_CLUSTER = False
     record_driver_process_group()  # before Ray starts the processes that inherit the environment
-    temp_dir = os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="densepure-ray-")
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
-             _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+    temp_dir = tempfile.mkdtemp(prefix="dp-ray-", dir=os.environ.get("RAY_TMPDIR") or None)
+    try:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
+                 _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
     node_ip = ray.util.get_node_ip_address()
     if node_ip != "127.0.0.1":
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
         raise RuntimeError(f"local Ray bound to {node_ip}, not loopback; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "
                            f"before anything imports ray, or pass --ray-address to use a cluster")
+    return temp_dir
 
 
 def run_on_actors(actor_class: type, actor_args: Callable[[str, int | None], tuple], tasks: Sequence[Any],
@@ -79,12 +91,12 @@ def run_on_actors(actor_class: type, actor_args: Callable[[str, int | None], tup
     if not tasks:
         return []
     results: list[Any] = []
-    started_here = False
+    started_here, temp_dir = False, None
     if not ray.is_initialized():
         if ray_address:
             ray.init(address=ray_address, log_to_driver=False)
         else:
-            _start_local_ray()
+            temp_dir = _start_local_ray()
         started_here = True
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -107,4 +119,6 @@ def run_on_actors(actor_class: type, actor_args: Callable[[str, int | None], tup
     finally:
         if started_here:
             ray.shutdown()
+        if temp_dir:  # the session's logs and sockets: nothing in them is needed after the run
+            shutil.rmtree(temp_dir, ignore_errors=True)
     return results

@@ -32,7 +32,7 @@ import pyarrow as pa
 from . import storage
 from .aggregate_sql import accuracy_sql
 from .errors import quarantined_counts, read_errors
-from .layout import plot_uri, report_uri, run_uri, tables_uri, tsv_dir, tsv_name, votes_dir
+from .layout import config_uri, plot_uri, report_uri, run_uri, tables_uri, tsv_dir, tsv_name, votes_dir
 from .query import connect
 from .textfmt import markdown_table, text_table
 
@@ -119,6 +119,9 @@ def format_accuracy_table(accuracy_rows: Iterable[Mapping[str, Any]] | pa.Table)
 def _require_tables(out: str) -> None:
     for name in ("certificates.parquet", "accuracy.parquet"):
         if not storage.exists(tables_uri(out, name)):
+            if not storage.exists(config_uri(out)):  # not even a plan: a wrong path, or nothing run
+                raise ReportError(f"{out} holds no densepure run (no config.yaml, no tables): check the "
+                                  f"path, or certify into it first (`densepure certify --out` with this path)")
             raise ReportError(f"{tables_uri(out, name)} does not exist: run the aggregate stage "
                               "first: rerun `densepure certify` with the run's config and --out "
                               "(it votes only what is missing, then publishes the tables and the "

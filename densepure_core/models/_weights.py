@@ -70,6 +70,14 @@ def _check_safetensors(path: Path, what: str) -> None:
             f"(compare its size or `sha256sum` with the original)") from e
 
 
+def _reason(exc: BaseException) -> str:
+    """One sentence of an error's text: torch's unpickler errors are paragraphs of advice (to load
+    with weights_only=False, which is no help for bytes that are no checkpoint) around the fact."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    fact = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+    return fact.split(". ")[0][:160] or type(exc).__name__
+
+
 def read_state_dict(path: Path, *, allow_pickle: bool, what: str) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat CPU state dict.
 
@@ -84,18 +92,25 @@ def read_state_dict(path: Path, *, allow_pickle: bool, what: str) -> dict[str, t
 
         _check_safetensors(path, what)
         return load_file(str(path), device="cpu")
+    corrupt = (f"{what}: cannot read {path}: the file is truncated, corrupt or not a torch checkpoint; "
+               f"delete it and copy or download it again (compare its size or `sha256sum` with the original)")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
+        # weights_only refuses a global it does not allow: a real pickle of Python objects. Any
+        # other refusal (an unknown opcode, ...) is bytes that are no checkpoint at all.
+        if "Unsupported global" not in str(e) and "Unsupported class" not in str(e):
+            raise ModelLoadError(f"{corrupt} (the unpickler stopped: {_reason(e)})") from e
         raise ModelLoadError(
             f"{what}: {path} holds pickled Python objects, which can run code when loaded, "
             f"so it is refused by default. Convert it once to safetensors "
             f"(`safetensors.torch.save_file(model.state_dict(), 'model.safetensors')`), or pass "
             f"allow_pickle=True (--allow-pickle on the command line) if you trust the file.") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ModelLoadError(
-            f"{what}: cannot read {path} ({e}); the file is truncated or not a torch "
-            f"checkpoint: copy it again or re-save it") from e
+    except OSError as e:
+        raise ModelLoadError(f"{what}: cannot read {path} ({e})") from e
+    except Exception as e:  # noqa: BLE001 - random bytes fail anywhere in the unpickler (IndexError,
+        # KeyError, UnicodeDecodeError, RuntimeError of the zip reader, EOFError, ...)
+        raise ModelLoadError(f"{corrupt} ({type(e).__name__}: {_reason(e)})") from e
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import yaml
-from cli_checks import snapshot
+from cli_checks import one_error_line, snapshot
 from model_factory import image_folder, tiny_job
 from typer.testing import CliRunner
 
@@ -69,9 +69,115 @@ def test_a_new_alpha_on_the_same_out_is_said_by_config_yaml_run_json_and_the_tab
     stored = yaml.safe_load((out / "config.yaml").read_text())
     run = json.loads((out / "run.json").read_text())
     assert stored["alpha"] == 0.05 and run["tables"]["alpha"] == 0.05 and run["tables"]["radii"] == stored["radii"]
+    assert set(pq.read_table(out / "tables" / "accuracy.parquet").column("alpha").to_pylist()) == {0.05}
     assert set(pq.read_table(out / "tables" / "certificates.parquet").column("alpha").to_pylist()) == {0.05}
     assert json.loads((out / "tables" / "summary.json").read_text())["alpha"] == 0.05
     # the rewritten config.yaml is the same run: it resumes (nothing voted), it is not "a different config"
     again = runner.invoke(app, ["certify", "--config", str(out / "config.yaml")])
     assert again.exit_code == 0 and "computed 0 shards" in again.output, again.output
     assert snapshot(out / "votes") == votes
+
+
+# ------------------------------------------------------------------------------------------
+# item 7: the smaller ones
+# ------------------------------------------------------------------------------------------
+
+def test_report_and_export_tsv_on_an_empty_or_partial_out_are_one_error_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    partial = tmp_path / "partial"  # a plan and a vote file, no tables: the aggregate never ran
+    (partial / "votes" / "sigma=0.5" / "method=rs").mkdir(parents=True)
+    (partial / "votes" / "sigma=0.5" / "method=rs" / "shard=00000.parquet").write_bytes(b"votes")
+    (partial / "config.yaml").write_text("n: 10\n")
+    before = snapshot(partial)
+    for command in ("report", "export-tsv"):
+        for out, fix in ((empty, "holds no densepure run"), (tmp_path / "nothing", "holds no densepure run"),
+                         (partial, "run the aggregate stage first")):
+            result = runner.invoke(app, [command, str(out)])
+            assert result.exit_code == 1, (command, out, result.output)
+            message = one_error_line(result)
+            assert str(out) in message and fix in message
+    assert snapshot(partial) == before and not (tmp_path / "nothing").exists()
+
+
+def test_convert_adm_names_a_missing_file_before_any_flag_and_every_flag_has_help(tmp_path):
+    import typer.main
+
+    result = runner.invoke(app, ["convert-adm", str(tmp_path / "missing.pt"), str(tmp_path / "out")])
+    assert result.exit_code != 0
+    message = one_error_line(result)
+    assert "missing.pt: no such file" in message and "num_heads" not in message
+    (tmp_path / "model.pt").write_bytes(b"\x80\x02\x8c\x02\xff\xfe.")  # exists: the flags are checked next
+    result = runner.invoke(app, ["convert-adm", str(tmp_path / "model.pt"), str(tmp_path / "out")])
+    message = one_error_line(result)
+    assert "without --preset" in message and "--preset imagenet256-uncond or cifar10-improved" in message
+    assert not (tmp_path / "out").exists()
+    command = typer.main.get_command(app).commands["convert-adm"]
+    undocumented = [p.opts[0] for p in command.params if p.opts[0].startswith("--") and not p.help]
+    assert undocumented == []
+    assert runner.invoke(app, ["convert-adm", "--help"]).exit_code == 0
+
+
+def test_models_fetch_with_random_bytes_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    """A .pt of random bytes used to end in a UTF-8 decode error (or claim it held pickled objects)."""
+    monkeypatch.setenv("DENSEPURE_OFFLINE", "1")
+    raw = tmp_path / "downloads" / "cifar10_uncond_50M_500K.pt"
+    raw.parent.mkdir()
+    for junk in (b"\x80\x02\x8c\x02\xff\xfe.", b"\x80\x02e.", b"PK\x03\x04not a zip"):
+        raw.write_bytes(junk)
+        result = runner.invoke(app, ["models", "fetch", "cifar10-improved", "--cache", str(tmp_path)])
+        assert result.exit_code == 1
+        message = one_error_line(result)
+        assert str(raw) in message and "truncated, corrupt or not a torch checkpoint" in message
+        assert "delete it" in message and "pickled Python objects" not in message
+        assert raw.read_bytes() == junk and not (tmp_path / "cifar10-improved").exists()
+
+
+def test_ctrl_c_says_how_to_resume_and_a_failed_aggregate_prints_one_line(tmp_path):
+    """Ctrl-C (SIGINT to the driver) ends with an "interrupted: ... rerun" line and exit 130,
+    keeps the finished shards and leaves no Ray temp directory; the resumed run shows no
+    "ETA nan", and its failing aggregate (a duplicated shard file) prints the error alone, without
+    nanobind's leak report."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    data = tiny_job(tmp_path, methods=[{"kind": "rs"}, {"kind": "dds"}], sigmas=[0.5], shard_size=1, n=400)
+    config = _write(tmp_path, data)
+    ray_tmp = tempfile.mkdtemp(prefix="dp-t-")  # short: Ray's socket paths must fit in 107 bytes
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    densepure = [str(Path(sys.executable).parent / "densepure"), "certify", "--config", str(config)]
+    proc = subprocess.Popen(densepure, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("  [vote] 2/"):
+            os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends the driver
+            break
+    output = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, output
+    assert "interrupted: finished shards under" in output and "rerun the same command to resume" in output
+    assert "Traceback" not in output
+    votes = tmp_path / "out" / "votes"
+    kept = snapshot(votes)
+    assert len(kept) >= 2
+    assert os.listdir(ray_tmp) == []
+    os.rmdir(ray_tmp)
+
+    rs = votes / "sigma=0.5" / "method=rs"
+    (rs / "shard=00099.parquet").write_bytes((rs / "shard=00000.parquet").read_bytes())
+    rerun = subprocess.run(densepure, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 1, rerun.stderr[-3000:]
+    assert "ETA nan" not in rerun.stderr and "skipped (complete)" in rerun.stderr
+    assert "have more than one vote row" in one_error_line(rerun_result(rerun))
+    assert "nanobind" not in rerun.stderr and "leaked" not in rerun.stderr, rerun.stderr[-2000:]
+    assert all(snapshot(votes)[p] == b for p, b in kept.items())  # finished work intact
+
+
+class rerun_result:  # noqa: N801 - CliRunner's result shape for one_error_line
+    def __init__(self, completed):
+        self.output = completed.stdout + completed.stderr

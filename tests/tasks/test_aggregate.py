@@ -136,7 +136,7 @@ def test_accuracy_table_is_pinned(tmp_path):
     acc = read(result.accuracy_uri).to_pylist()
     # labeled images a..e (f has no label): correct a (r 0.889) and c (r 1.232)
     assert acc == [
-        {"run_id": "run-test", "sigma": 0.5, "method": "dds", "radius": r,
+        {"run_id": "run-test", "sigma": 0.5, "method": "dds", "alpha": 0.001, "radius": r,
          "certified_accuracy": a, "images": 5}
         for r, a in [(0.0, 0.4), (0.5, 0.4), (1.0, 0.2), (1.5, 0.0)]]
     (part,) = result.partitions

@@ -52,6 +52,9 @@ def test_report_says_how_many_images_are_missing(tmp_path):
 
 def test_report_needs_the_tables(tmp_path):
     write_votes(str(tmp_path), make_votes(3, 3))
+    with pytest.raises(ReportError, match="holds no densepure run"):
+        write_report(str(tmp_path))
+    (tmp_path / "config.yaml").write_text("n: 10\n")  # a plan, votes, no tables yet
     with pytest.raises(ReportError, match="run the aggregate stage first: rerun `densepure certify`"):
         write_report(str(tmp_path))
 
