@@ -66,8 +66,13 @@ MethodKind = Literal["rs", "dds", "densepure"]
 _VOTES_KEY = "votes"
 
 
+_OMIT_NONE_KEY = "hash_omits_none"
+
+
 def _classified(determines_votes: bool, default: Any, kwargs: dict[str, Any]) -> Any:
     extra = {_VOTES_KEY: determines_votes}
+    if kwargs.pop("omit_none", False):  # a field added later: None keeps the hash it had before
+        extra[_OMIT_NONE_KEY] = True
     if "default_factory" in kwargs:
         return Field(json_schema_extra=extra, **kwargs)
     return Field(default, json_schema_extra=extra, **kwargs)
@@ -118,8 +123,10 @@ def _vote_value(value: Any) -> Any:
 
 def _vote_dump(model: BaseModel) -> dict[str, Any]:
     """The ``votes`` fields of ``model`` as JSON values, recursively (nested: their votes fields)."""
+    fields = type(model).model_fields
     return {name: _vote_value(getattr(model, name))
-            for name in type(model).model_fields if determines_votes(type(model), name)}
+            for name in fields if determines_votes(type(model), name)
+            and not (getattr(model, name) is None and (fields[name].json_schema_extra or {}).get(_OMIT_NONE_KEY))}
 
 
 def _stream_version() -> int:
@@ -165,6 +172,10 @@ class DatasetConfig(_Strict):
     start: int = votes(0, ge=0)
     max_images: int | None = votes(None, ge=1)
     classes_file: str | None = votes(None, description="one class folder name per line, in label order")
+    # Image files are read as RGB unless this says 1 (grayscale, Pillow's "L"): a 1-channel
+    # diffusion model needs it. Digits are 1-channel whatever it says.
+    channels: Literal[1, 3] | None = votes(None, omit_none=True,
+                                           description="1: read image files as grayscale; 3 (default): RGB")
 
     _path_creds = field_validator("path", "classes_file")(_no_credentials)
 

@@ -155,6 +155,66 @@ def check_steps(cfg: CertifyConfig) -> dict[str, int]:
     return t_stars
 
 
+def _local_json(source: str, *names: str) -> dict:
+    """The first of ``names`` (paths relative to a local model dir) that exists, parsed; {} if none."""
+    root = _local_dir(source)
+    for name in names:
+        path = os.path.join(root, name) if root and os.path.isdir(root) else None
+        if path and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return json.load(f)
+            except (OSError, ValueError):
+                return {}  # the model loader reports a broken file, naming it
+    return {}
+
+
+def image_fit_problem(channels: int, size: tuple[int, int] | None, model_channels: int,
+                      model_size: tuple[int, int] | None) -> str | None:
+    """Why images of ``channels`` x ``size`` (H, W; None: unknown) cannot go into a diffusion model
+    taking ``model_channels`` x ``model_size``, and the setting that fixes it; None if they fit.
+    One message for the plan and the workers (callers say which images)."""
+    if channels != model_channels:
+        setting = ("set dataset.channels: 1 (reads the image files as grayscale)" if model_channels == 1 else
+                   "set dataset.channels: 3 (reads the image files as RGB)" if model_channels == 3 else
+                   "use a diffusion model of 1 or 3 channels")
+        return (f"{channels} channel(s), but the diffusion model takes {model_channels}: {setting}; "
+                f"dataset.image_size cannot change the channels")
+    if size is not None and model_size is not None and tuple(size) != tuple(model_size):
+        return (f"{size[0]}x{size[1]} pixels, but the diffusion model takes {model_size[0]}x{model_size[1]}: set "
+                f"dataset.image_size: {model_size[0]} to resize and center-crop every image")
+    return None
+
+
+def check_model_inputs(cfg: CertifyConfig) -> None:
+    """Refuse at plan time, before Ray starts, what the local models show cannot work: images with
+    the wrong channels or size for the diffusion model, labels the classifier cannot output.
+
+    Only local (and bundled) models are read here, and only their small JSON configs; remote
+    ones are checked by the workers when they load them (same messages).
+    """
+    if cfg.diffusion is not None and any(m.kind != "rs" for m in cfg.methods):
+        unet = _local_json(cfg.diffusion.source, "unet/config.json", "config.json")
+        if "in_channels" in unet:
+            size = unet.get("sample_size")
+            size = tuple(size) if isinstance(size, (list, tuple)) else (size, size) if size else None
+            channels = 1 if cfg.dataset.kind == "digits" else (cfg.dataset.channels or 3)
+            image_size = cfg.dataset.image_size
+            problem = image_fit_problem(channels, (image_size, image_size) if image_size else None,
+                                        int(unet["in_channels"]), size)
+            if problem:
+                raise PlanError(f"the images of dataset {cfg.dataset.path or cfg.dataset.kind!r} are read with "
+                                f"{problem} (diffusion.source {cfg.diffusion.source}; checked before anything "
+                                f"runs)")
+
+
+def classifier_width(source: str) -> int | None:
+    """The output width a local classifier's config declares (timm / Hugging Face config.json), or None."""
+    config = _local_json(source, "config.json")
+    width = config.get("num_classes", config.get("num_labels"))
+    return int(width) if isinstance(width, int) and width > 0 else None
+
+
 def model_hashes(cfg: CertifyConfig) -> dict[str, dict[str, str]]:
     """sha256 of every weights file of the local models, by source (remote: the source only)."""
     sources = {m_cfg.source for m_cfg in [cfg.classifier, *(m.classifier for m in cfg.methods if m.classifier)]}
@@ -284,9 +344,11 @@ def check_labels(records, num_classes: int, what: str, error=ValueError) -> None
         first = bad[0]
         raise error(
             f"image {first.image_id!r} ({first.uri}) has label {first.label}, but the classifier has "
-            f"{num_classes} outputs ({what}): a label must be -1 (unknown) or a class index 0..{num_classes - 1}"
-            f" ({len(bad)} image(s) out of range). Fix the labels of the dataset (-1 where unknown), or use "
-            f"the classifier trained for these labels and set classifier.num_classes to its width.")
+            f"{num_classes} outputs ({what}): a label must be -1 (unknown) or one of the classifier's class "
+            f"indices 0..{num_classes - 1} ({len(bad)} image(s) out of range). Fix the labels (a manifest's "
+            f"label column, or dataset.classes_file to map the folders to the classifier's class order; -1 "
+            f"where unknown), or, if it is the wrong classifier, point classifier.source at the one trained "
+            f"on these classes.")
 
 
 def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
@@ -299,6 +361,7 @@ def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
             return existing
         # config.yaml written but the plan was interrupted before run.json: plan again below.
     t_stars = check_steps(cfg)
+    check_model_inputs(cfg)
     # The dataset's own class count (max label + 1 for a manifest) decides nothing: a subset
     # may lack classes and a manifest may have no labels at all. The classifier's width does.
     records, _ = enumerate_records(cfg.dataset)
@@ -307,6 +370,13 @@ def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
     num_classes = cfg.classifier.num_classes
     if num_classes:
         check_labels(chosen, num_classes, f"classifier.num_classes: {num_classes}", PlanError)
+    else:  # the classifier's own width, when its local config says it: no Ray start to find out
+        for sigma in cfg.sigmas:
+            for m in cfg.methods:
+                source = cfg.classifier_for(m, sigma).source.replace("{sigma}", format_sigma(sigma))
+                width = classifier_width(source)
+                if width:
+                    check_labels(chosen, width, f"the output width of {source}", PlanError)
     shards = shard_positions(len(chosen), cfg.shard_size)
     partitions = [(float(s), m.label) for s in cfg.sigmas for m in cfg.methods]
     run_id = f"{cfg.run_name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"

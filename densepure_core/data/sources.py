@@ -177,7 +177,7 @@ def _digits_images(image_size: int | None):
     return dict(zip(split.ids, images))
 
 
-def _decode(data: bytes, uri: str, image_size: int | None) -> torch.Tensor:
+def _decode(data: bytes, uri: str, image_size: int | None, channels: int | None = None) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     if not data:
@@ -202,7 +202,7 @@ def _decode(data: bytes, uri: str, image_size: int | None) -> torch.Tensor:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
-    img = img.convert("RGB")
+    img = img.convert("L" if channels == 1 else "RGB")
     if image_size:
         w, h = img.size
         scale = image_size / min(w, h)
@@ -212,6 +212,8 @@ def _decode(data: bytes, uri: str, image_size: int | None) -> torch.Tensor:
         left, top = (w - image_size) // 2, (h - image_size) // 2
         img = img.crop((left, top, left + image_size, top + image_size))
     arr = np.asarray(img, dtype=np.float32) / 255.0
+    if arr.ndim == 2:  # grayscale: one channel
+        arr = arr[:, :, None]
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
@@ -231,4 +233,4 @@ def load_image(record: ImageRecord, cfg: DatasetConfig) -> torch.Tensor:
     except Exception as exc:
         raise DatasetError(f"image {record.uri!r} could not be read ({type(exc).__name__}: {exc}); "
                            f"check the path, permissions and S3 endpoint") from exc
-    return _decode(data, record.uri, cfg.image_size)
+    return _decode(data, record.uri, cfg.image_size, cfg.channels)

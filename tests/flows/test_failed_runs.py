@@ -181,3 +181,40 @@ def test_ctrl_c_says_how_to_resume_and_a_failed_aggregate_prints_one_line(tmp_pa
 class rerun_result:  # noqa: N801 - CliRunner's result shape for one_error_line
     def __init__(self, completed):
         self.output = completed.stdout + completed.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# item 5: checked at plan time, with the fix that helps
+# ------------------------------------------------------------------------------------------
+
+def test_a_label_the_classifier_cannot_output_is_refused_at_plan_time(tmp_path):
+    """Three label folders, a two-class classifier (its local config.json says 2): refused before
+    anything is written or Ray starts, naming the image, the label, the classes and the fixes
+    (it used to fail in the workers, suggesting a checkpoint with more classes)."""
+    data = tiny_job(tmp_path, methods=[{"kind": "dds"}], sigmas=[0.5])
+    image_folder(tmp_path / "data", classes=("c",), per_class=1)  # label 2
+    result = runner.invoke(app, ["certify", "--config", str(_write(tmp_path, data))])
+    assert result.exit_code == 1
+    message = one_error_line(result)
+    assert "'c/0.png'" in message and "has label 2" in message and "0..1" in message
+    assert "dataset.classes_file" in message and "Ray" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_rgb_images_for_a_grayscale_diffusion_model_name_dataset_channels(tmp_path):
+    """A 1-channel diffusion model and RGB files: refused at plan time with dataset.channels: 1
+    (it used to quarantine or stop at every image, suggesting dataset.image_size); with it the
+    same command on the same OUT certifies."""
+    from model_factory import tiny_ddpm
+
+    data = tiny_job(tmp_path, methods=[{"kind": "dds"}], sigmas=[0.5])
+    data["diffusion"]["source"] = str(tiny_ddpm(tmp_path / "models" / "gray", channels=1))
+    config = _write(tmp_path, data)
+    result = runner.invoke(app, ["certify", "--config", str(config)])
+    assert result.exit_code == 1
+    message = one_error_line(result)
+    assert "3 channel(s), but the diffusion model takes 1: set dataset.channels: 1" in message
+    assert not (tmp_path / "out").exists()
+    fixed = runner.invoke(app, ["certify", "--config", str(config), "--set", "dataset.channels=1"])
+    assert fixed.exit_code == 0, fixed.output
+    assert "| 0.5 | dds | 6 |" in fixed.output

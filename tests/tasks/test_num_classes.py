@@ -95,9 +95,14 @@ def test_label_beyond_num_classes_is_refused_at_plan_time(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
-def test_label_beyond_the_loaded_width_is_refused_by_the_worker(tmp_path):
+def test_label_beyond_the_loaded_width_is_refused_by_the_worker(tmp_path, monkeypatch):
     data = manifest_job(tmp_path, [0, 1, -1, 2], on_bad_input="quarantine")  # 2-class classifier
     cfg = load_config(data=data)
+    with pytest.raises(PlanError, match="has label 2, but the classifier has 2 outputs"):
+        plan_run(cfg)  # the local classifier's config.json says 2: refused before any worker
+    import tasks.plan
+
+    monkeypatch.setattr(tasks.plan, "classifier_width", lambda source: None)  # as for a remote classifier
     plan = plan_run(cfg)
     worker = VoteWorker(cfg, plan.num_classes, "test-worker")
     first, second = plan.tasks()[0], plan.tasks()[-1]
