@@ -42,7 +42,7 @@ from densepure_core.rng import STREAM_VERSION
 
 from . import storage
 from .faults import fault_point
-from .layout import config_uri, errors_uri, format_sigma, manifest_uri, run_uri, shard_uri
+from .layout import config_uri, error_files, errors_uri, format_sigma, manifest_uri, run_uri, shard_uri, votes_dir
 
 __all__ = ["Plan", "ShardTask", "PlanError", "plan_run", "load_plan", "plan_summary", "check_labels", "check_files_exist",
            "shard_positions", "write_manifest", "record_published_tables"]
@@ -258,6 +258,21 @@ def load_plan(out: str) -> Plan | None:
                 partitions=[(float(s), m) for s, m in run["partitions"]], resumed=True)
 
 
+def _nothing_voted(out: str) -> bool:
+    """Whether OUT holds no vote and no errors file: nothing a new plan could contradict."""
+    return not storage.list_files(votes_dir(out), ".parquet") and not error_files(out)
+
+
+def _check_same_job(out: str) -> None:
+    """Refuse an OUT that holds another job (an attack evaluation or a training)."""
+    stored = yaml.safe_load(storage.read_text(config_uri(out))) or {}
+    job = stored.get("job") if isinstance(stored, dict) else None
+    if job not in (None, "certify"):
+        what = "an attack evaluation" if job == "attack" else f"a {job} run"
+        raise PlanError(f"{out} holds {what} (densepure {job}); a certification run needs its own "
+                        f"OUT: choose another --out")
+
+
 def _check_same_run(cfg: CertifyConfig, out: str) -> None:
     """Refuse to resume OUT unless it holds the votes ``cfg`` would compute.
 
@@ -266,11 +281,8 @@ def _check_same_run(cfg: CertifyConfig, out: str) -> None:
     stored config's version-1 hash) drew its noise from 32-bit seeded generators, so its counts
     cannot be completed with new ones. Its results stay readable; the run is not resumed.
     """
-    stored_yaml = storage.read_text(storage.join(out, "config.yaml"))
-    stored_data = yaml.safe_load(stored_yaml) or {}
-    if isinstance(stored_data, dict) and stored_data.get("job") == "attack":
-        raise PlanError(f"{out} holds an attack evaluation (densepure attack); a certification run needs its own "
-                        f"OUT: choose another --out")
+    _check_same_job(out)
+    stored_data = yaml.safe_load(storage.read_text(config_uri(out))) or {}
     stored = CertifyConfig.model_validate(stored_data)
     if storage.exists(run_uri(out)):  # absent: the plan was cut short before anything was voted
         run = json.loads(storage.read_text(run_uri(out)))
@@ -355,10 +367,17 @@ def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
     """Make (or reload) the plan of ``cfg`` in ``out`` (default ``cfg.out``)."""
     out = out or cfg.out
     if storage.exists(config_uri(out)):
-        _check_same_run(cfg, out)
-        existing = load_plan(out)
-        if existing is not None:
-            return existing
+        if _nothing_voted(out):
+            # Only a plan: a failed run stopped before its first shard. The user's fix (a
+            # corrected config, manifest or dataset) is planned afresh instead of being refused
+            # as "a different config" or checked against the stale manifest.
+            _check_same_job(out)
+            log.warning("%s holds a plan but no votes yet: planning again from this config and dataset", out)
+        else:
+            _check_same_run(cfg, out)
+            existing = load_plan(out)
+            if existing is not None:
+                return existing
         # config.yaml written but the plan was interrupted before run.json: plan again below.
     t_stars = check_steps(cfg)
     check_model_inputs(cfg)

@@ -218,3 +218,36 @@ def test_rgb_images_for_a_grayscale_diffusion_model_name_dataset_channels(tmp_pa
     fixed = runner.invoke(app, ["certify", "--config", str(config), "--set", "dataset.channels=1"])
     assert fixed.exit_code == 0, fixed.output
     assert "| 0.5 | dds | 6 |" in fixed.output
+
+
+# ------------------------------------------------------------------------------------------
+# item 1: getting out of a failed run
+# ------------------------------------------------------------------------------------------
+
+def test_a_run_that_failed_before_any_vote_takes_the_fix_it_was_given(tmp_path):
+    """A corrupt image stops the run before any shard is written (one shard). Doing what the error
+    says (remove the image) and correcting the config (another n) on the same OUT plans again
+    and certifies: it used to loop on "does not exist" (the stale manifest) and refuse the config
+    as "a different config". Once votes exist, a different config is refused naming the way out."""
+    data = tiny_job(tmp_path, methods=[{"kind": "rs"}], sigmas=[0.5], shard_size=10)
+    bad = tmp_path / "data" / "a" / "1.png"
+    bad.write_bytes(b"not a png")
+    config = _write(tmp_path, data)
+    failed = runner.invoke(app, ["certify", "--config", str(config)])
+    assert failed.exit_code == 1
+    assert "cannot be decoded" in one_error_line(failed) and "Fix or remove the image" in failed.output
+    assert not (tmp_path / "out" / "votes").exists()
+
+    bad.unlink()
+    fixed = runner.invoke(app, ["certify", "--config", str(config), "--set", "n=16"])
+    assert fixed.exit_code == 0, fixed.output
+    assert "| 0.5 | rs | 5 |" in fixed.output
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["n"] == 16
+
+    votes = snapshot(tmp_path / "out" / "votes")
+    refused = runner.invoke(app, ["certify", "--config", str(config), "--set", "n=20"])
+    assert refused.exit_code == 1
+    message = one_error_line(refused)
+    assert "fields that differ: n" in message and "choose another --out" in message
+    assert str(tmp_path / "out" / "config.yaml") in message  # the stored config that resumes it
+    assert snapshot(tmp_path / "out" / "votes") == votes

@@ -53,10 +53,18 @@ def test_plan_writes_manifest_config_and_run(tmp_path):
     assert shard_uri(str(out), 0.5, "rs", 2).endswith("votes/sigma=0.5/method=rs/shard=00002.parquet")
 
 
+def _voted(out):
+    """Mark OUT as voted (a shard file exists): from then on the stored plan is the run."""
+    shard = out / "votes" / "sigma=0.25" / "method=rs" / "shard=00000.parquet"
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(b"votes")
+
+
 def test_resume_reuses_the_stored_plan(tmp_path):
     root = image_folder(tmp_path / "data")
     out = tmp_path / "out"
     first = plan_run(config(root, out))
+    _voted(out)
     (root / "a" / "0.png").unlink()  # the dataset changes: the stored plan still wins
     again = plan_run(config(root, out, alpha=0.01, batch_size=3))  # alpha/batch size may change
     assert again.resumed and again.run_id == first.run_id and again.records == first.records
@@ -66,9 +74,13 @@ def test_resume_reuses_the_stored_plan(tmp_path):
 def test_a_different_config_is_refused_naming_the_fields(tmp_path):
     root = image_folder(tmp_path / "data")
     out = tmp_path / "out"
-    plan_run(config(root, out))
+    first = plan_run(config(root, out))
+    again = plan_run(config(root, out, n=77, seed=3))  # nothing voted yet: simply planned again
+    assert not again.resumed and again.run_id != first.run_id
+    assert yaml.safe_load((out / "config.yaml").read_text())["n"] == 77
+    _voted(out)
     with pytest.raises(PlanError, match=r"different config \(fields that differ: n, seed"):
-        plan_run(config(root, out, n=77, seed=3))
+        plan_run(config(root, out))
 
 
 def test_interrupted_plan_is_redone(tmp_path):

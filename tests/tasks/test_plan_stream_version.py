@@ -37,6 +37,10 @@ def _edit_run(out, drop=(), **changes):
         del run[key]
     run.update(changes)
     (out / "run.json").write_text(json.dumps(run))
+    # an OUT of an old release holds votes (with none, a plan is simply made again)
+    shard = out / "votes" / "sigma=0.25" / "method=rs" / "shard=00000.parquet"
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    shard.write_bytes(b"votes")
 
 
 def test_an_out_of_stream_version_1_is_never_resumed(tmp_path):
@@ -73,6 +77,7 @@ def test_a_run_json_hash_of_nothing_known_is_refused(tmp_path):
 
 def test_other_fields_are_still_reported_by_name(tmp_path):
     plan_run(_config(tmp_path))
+    _edit_run(tmp_path / "out")  # voted: the stored config is the run's
     with pytest.raises(PlanError, match=r"fields that differ: n, seed;"):
         plan_run(_config(tmp_path, n=7, seed=2))
     # operational fields never block a resume
