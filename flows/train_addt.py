@@ -94,7 +94,7 @@ def train_addt_flow(config: dict, out: str | None = None, ray_address: str | Non
     create_markdown_artifact(report, key="densepure-train-addt-report", description=f"ADDT training report for {out}")
     create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
                           key="densepure-train-addt-stage-timings")
-    return {"out": out, "run_id": plan.run_id, "model": model, "checkpoint": checkpoint, "timings": timings,
+    return {"out": plan.out, "run_id": plan.run_id, "model": model, "checkpoint": checkpoint, "timings": timings,
             "report": report}
 
 

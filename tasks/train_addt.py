@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import posixpath
+import shutil
 import socket
 import tempfile
 import threading
@@ -137,6 +138,8 @@ def plan_training(cfg: AddtConfig, out: str | None = None) -> TrainPlan:
     checkpoint yet (a failed start) takes a changed config: it simply re-plans.
     """
     out = out or cfg.out
+    if not storage.is_s3(out):  # Ray Train runs each worker in a directory of its own: relative paths would move
+        out = os.path.abspath(out)
     resumed = storage.exists(config_uri(out)) and latest_checkpoint(out) is not None
     if resumed:
         _check_same_run(cfg, out)
@@ -301,12 +304,12 @@ def run_training(cfg: AddtConfig, plan: TrainPlan, *, ray_address: str | None = 
 
     from .raypool import _start_local_ray
 
-    started_here = not ray.is_initialized()
+    started_here, temp_dir = not ray.is_initialized(), None
     if started_here:
         if ray_address:
             ray.init(address=ray_address, log_to_driver=False)
         else:
-            _start_local_ray(max(os.cpu_count() or 1, cfg.workers))
+            temp_dir = _start_local_ray(max(os.cpu_count() or 1, cfg.workers))
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -359,6 +362,8 @@ def run_training(cfg: AddtConfig, plan: TrainPlan, *, ray_address: str | None = 
     finally:
         if started_here:
             ray.shutdown()
+        if temp_dir:  # the local session's logs and sockets: nothing in them is needed after the run
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def latest_checkpoint(out: str) -> str | None:

@@ -87,3 +87,10 @@ def test_a_wrong_model_or_image_size_is_refused_before_anything_is_written(tmp_p
     assert result.exit_code == 1
     assert "takes 3x8x8" in one_error_line(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_relative_out_is_made_absolute_for_the_ray_train_workers(tmp_path, monkeypatch):
+    """Ray Train runs each worker in its own directory: a relative OUT would put the metrics there."""
+    monkeypatch.chdir(tmp_path)
+    plan = plan_training(AddtConfig.model_validate(addt_job(tmp_path, out="rel/out")))
+    assert plan.out == str(tmp_path / "rel" / "out") and (tmp_path / "rel" / "out" / "config.yaml").exists()
