@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from .layout import ATTACKS_SCHEMA
 from .raypool import run_on_actors
 from .shards import remove_stale_temporaries, shard_state
 from .vote import BadInputError, check_image_fits, resolve_device, stopped_by_bad_input
+from .worker_label import worker_label
 
 __all__ = ["AttackWorker", "AttackShardResult", "run_attack_stage"]
 
@@ -74,7 +73,7 @@ class AttackWorker:
 
     def __init__(self, config: AttackConfig | dict, worker_name: str | None = None, threads: int | None = None):
         self.cfg = config if isinstance(config, AttackConfig) else AttackConfig.model_validate(config)
-        self.worker = worker_name or f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = worker_label(worker_name)  # actor@host/node on Ray, host:pid in-process
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(self.cfg.device)
