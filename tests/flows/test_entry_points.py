@@ -22,8 +22,8 @@ def python(code: str, **env_changes) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.parametrize("module", ["flows.cli", "flows.certify", "flows.attack", "flows.environment", "tasks.faults",
-                                    "tasks.vote", "densepure_core.config"])
+@pytest.mark.parametrize("module", ["flows.cli", "flows.certify", "flows.attack", "flows.report", "flows.environment",
+                                    "tasks.faults", "tasks.vote", "densepure_core.config"])
 def test_importing_changes_no_environment_variable(module):
     run = python(f"import os; before = dict(os.environ); import {module}; "
                  f"print(sorted(set(os.environ.items()) ^ set(before.items())))",
@@ -98,7 +98,8 @@ def test_the_fault_driver_record_is_explicit(monkeypatch):
 
 def test_every_prefect_deployment_names_a_flow_and_a_config_it_can_load():
     """prefect.yaml's entrypoints import to Prefect flows, and each config_path loads with the
-    config type of its flow (certify: CertifyConfig; attack: AttackConfig; train-addt: AddtConfig)."""
+    config type of its flow (certify: CertifyConfig; attack: AttackConfig; train-addt: AddtConfig),
+    with the deployment's overrides."""
     import importlib
 
     import yaml
@@ -111,10 +112,14 @@ def test_every_prefect_deployment_names_a_flow_and_a_config_it_can_load():
     deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
     assert {d["entrypoint"] for d in deployments} == {"flows/certify.py:certify_config_file",
                                                       "flows/attack.py:attack_config_file",
-                                                      "flows/train_addt.py:train_addt_config_file"}
+                                                      "flows/train_addt.py:train_addt_config_file",
+                                                      "flows/report.py:report_flow"}
     for d in deployments:
         path, name = d["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
         assert isinstance(flow, Flow)
+        if name == "report_flow":  # no config: it rebuilds the report of an OUT
+            assert set(d["parameters"]) == {"out"}
+            continue
         model = AddtConfig if "addt" in name else AttackConfig if "attack" in name else None
-        assert load_config(d["parameters"]["config_path"], model=model).run_name
+        assert load_config(d["parameters"]["config_path"], d["parameters"].get("overrides", []), model=model).run_name
