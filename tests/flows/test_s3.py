@@ -1,13 +1,17 @@
-"""The pipeline with OUT on S3 (a real moto S3 server on 127.0.0.1): certify, resume, sql."""
+"""The pipeline on S3 (a real moto S3 server on 127.0.0.1): models and images read from s3://, votes,
+tables and checkpoints written there, resume from there, sql on s3://."""
 
 import json
 
+import pytest
 import s3fs
 import yaml
 from model_factory import tiny_job
 from typer.testing import CliRunner
 
 from flows.cli import app
+
+pytestmark = pytest.mark.servers
 
 runner = CliRunner()
 
@@ -72,3 +76,32 @@ def test_train_addt_checkpoints_metrics_and_model_on_s3(tmp_path, s3_endpoint, m
     assert sql.output.splitlines()[1] == "3", sql.output
     model = load_diffusion(f"{out}/model", cache_dir=tmp_path / "cache")
     assert model.unet.config.sample_size == 8
+
+
+def test_certify_reads_the_diffusion_model_and_the_images_from_s3(tmp_path, s3_endpoint, monkeypatch):
+    """diffusion.source and dataset.path on S3 (and OUT): the workers copy the model once into
+    their cache (~/.cache/densepure/s3) and purify with it; the copy is the uploaded model."""
+    from densepure_core.models import file_sha256
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the Ray workers' model cache, inherited
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    fs.mkdir("models-bucket")
+    job = tiny_job(tmp_path, sigmas=[0.5], methods=[{"kind": "dds"}], shard_size=6)
+    fs.put(job["diffusion"]["source"], "models-bucket/ddpm", recursive=True)
+    fs.put(job["dataset"]["path"], "models-bucket/data", recursive=True)
+    job.update(diffusion={"source": "s3://models-bucket/ddpm"},
+               dataset=dict(job["dataset"], path="s3://models-bucket/data"))
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job))
+    out = "s3://models-bucket/runs/from-s3"
+
+    result = runner.invoke(app, ["certify", "--config", str(config), "--out", out], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    q = runner.invoke(app, ["sql", out, "SELECT method, count(*) AS images, sum(n) AS votes FROM certificates "
+                                        "GROUP BY 1", "--format", "json"], catch_exceptions=False)
+    assert json.loads(q.output) == [{"method": "dds", "images": 6, "votes": 6 * job["n"]}]
+    (cached,) = (tmp_path / "home" / ".cache" / "densepure" / "s3").iterdir()
+    local = tmp_path / "models" / "ddpm"
+    weights = sorted(p.relative_to(local) for p in local.rglob("*.safetensors"))
+    assert weights and all(file_sha256(cached / w) == file_sha256(local / w) for w in weights)
