@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,9 +32,10 @@ from . import storage
 from .errors import publish_shard_errors
 from .faults import fault_point
 from .layout import VOTES_SCHEMA, error_files
-from .plan import Plan, ShardTask, check_labels
+from .plan import Plan, ShardTask, check_labels, image_fit_problem
 from .raypool import run_on_actors
 from .shards import remove_stale_temporaries, shard_state
+from .worker_label import worker_label
 
 __all__ = ["VoteWorker", "ShardResult", "BadInputError", "stopped_by_bad_input", "check_image_fits",
            "shard_is_complete", "remove_stale_temporaries",
@@ -65,10 +64,9 @@ def check_image_fits(x: torch.Tensor, rec, unet) -> None:
     size, channels = unet.config.sample_size, unet.config.in_channels
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     if tuple(x.shape[-2:]) != size or x.shape[0] != channels:
-        raise DatasetError(
-            f"image {rec.uri!r} is {x.shape[0]}x{x.shape[1]}x{x.shape[2]} (CxHxW) but the diffusion model "
-            f"takes {channels}x{size[0]}x{size[1]}; set dataset.image_size: {size[0]} to resize and "
-            f"center-crop every image")
+        # the plan's message and fix (a wrong channel count is no image_size matter)
+        raise DatasetError(f"image {rec.uri!r} has "
+                           f"{image_fit_problem(x.shape[0], tuple(x.shape[-2:]), channels, size)}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -125,7 +123,7 @@ class VoteWorker:
                  worker_name: str | None = None, threads: int | None = None):
         self.cfg = config if isinstance(config, CertifyConfig) else CertifyConfig.model_validate(config)
         self.num_classes = int(num_classes) if num_classes else None
-        self.worker = worker_name or f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = worker_label(worker_name)  # actor@host/node on Ray, host:pid in-process
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(self.cfg.device)

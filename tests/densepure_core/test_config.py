@@ -215,10 +215,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("attack_")),
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith(("attack_", "addt_"))),
                          ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
-    cfg = load_config(path)  # the attack_* presets: tests/densepure_core/test_attack_config.py
+    cfg = load_config(path)  # attack_* and addt_* presets: test_attack_config.py, test_addt_config.py
     assert cfg.methods and cfg.sigmas
 
 
