@@ -111,6 +111,17 @@ def _quiet_console_tracebacks() -> None:
             handler.addFilter(_NoTraceback())
 
 
+def _check_ray(address: str | None) -> None:
+    """A --ray-address that nothing answers ends here, in seconds, before anything is planned."""
+    if address:
+        from tasks.raypool import RayAddressError, check_ray_address
+
+        try:
+            check_ray_address(address)
+        except RayAddressError as exc:
+            _fail(str(exc), 1)
+
+
 def _load(config: Path | None, overrides: list[str], *, job: str = "certify"):
     """Load and validate the config of ``job`` (certify, attack, train-addt); a bad one ends as ``error:``."""
     from densepure_core.config import ConfigError, load_config, packaged_config
@@ -141,6 +152,7 @@ def certify(
 ):
     """Certify a dataset: plan shards, vote on Ray actors, aggregate with DuckDB, write the report."""
     cfg = _load(config, set_)
+    _check_ray(ray_address)
     from flows.certify import run_certify
 
     _quiet_console_tracebacks()
@@ -169,6 +181,7 @@ def attack(
     """Attack evaluation of purification defenses: PGD-EOT with exact gradients, deterministic
     white-box and BPDA, scored over M purifications; rows per (image, defense, threat, attack)."""
     cfg = _load(config, set_, job="attack")
+    _check_ray(ray_address)
     from flows.attack import run_attack_job
 
     _quiet_console_tracebacks()
@@ -197,6 +210,7 @@ def train_addt(
     """ADDT fine-tuning of a diffusion model (CGPO + RBGM, or the L_inf variant) on Ray Train,
     checkpointed and resumable; writes OUT/model (a diffusion source for certify and attack)."""
     cfg = _load(config, set_, job="train-addt")
+    _check_ray(ray_address)
     from flows.train_addt import run_train_addt_job
 
     _quiet_console_tracebacks()

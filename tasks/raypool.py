@@ -18,7 +18,7 @@ from typing import Any
 
 from .faults import record_driver_process_group
 
-__all__ = ["run_on_actors"]
+__all__ = ["run_on_actors", "join_ray", "check_ray_address", "RayAddressError"]
 
 
 def _start_local_ray(num_cpus: int | None = None) -> str:
@@ -67,6 +67,47 @@ def _start_local_ray(num_cpus: int | None = None) -> str:
     return temp_dir
 
 
+class RayAddressError(ConnectionError):
+    """``--ray-address`` names no reachable Ray cluster."""
+
+
+#: Seconds to wait for a TCP answer at --ray-address before giving up (Ray's own wait is minutes).
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail within ``timeout`` seconds, naming ``address``, when nothing listens there.
+
+    ``address`` is ``host:port`` (or ``ray://host:port``, Ray Client); ``auto`` is left to Ray
+    (it reads the local cluster's address file and fails at once when there is none). Without
+    this check ``ray.init`` retried for minutes, ignored Ctrl-C and blamed the Prefect connection.
+    """
+    import socket
+
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise RayAddressError(f"--ray-address {address!r}: expected host:port (e.g. 127.0.0.1:6379, the address "
+                              f"`ray start --head` prints), ray://host:10001, or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RayAddressError(
+            f"--ray-address {address}: no Ray cluster answers there ({exc.strerror or exc} within {timeout:g} s). "
+            f"Start it (ray start --head --port {port}) and check the host and port, or leave out --ray-address "
+            f"to run on a local Ray") from None
+
+
+def join_ray(address: str) -> None:
+    """Connect this driver to the Ray cluster at ``address`` (checked first: :func:`check_ray_address`)."""
+    import ray
+
+    check_ray_address(address)
+    ray.init(address=address, log_to_driver=False)
+
+
 def run_on_actors(actor_class: type, actor_args: Callable[[str, int | None], tuple], tasks: Sequence[Any],
                   method: str, *, workers: int | None = None, ray_address: str | None = None,
                   on_result: Callable[[Any], None] | None = None) -> list[Any]:
@@ -94,7 +135,7 @@ def run_on_actors(actor_class: type, actor_args: Callable[[str, int | None], tup
     started_here, temp_dir = False, None
     if not ray.is_initialized():
         if ray_address:
-            ray.init(address=ray_address, log_to_driver=False)
+            join_ray(ray_address)
         else:
             temp_dir = _start_local_ray()
         started_here = True

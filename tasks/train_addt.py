@@ -302,12 +302,12 @@ def run_training(cfg: AddtConfig, plan: TrainPlan, *, ray_address: str | None = 
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
 
-    from .raypool import _start_local_ray
+    from .raypool import _start_local_ray, join_ray
 
     started_here, temp_dir = not ray.is_initialized(), None
     if started_here:
         if ray_address:
-            ray.init(address=ray_address, log_to_driver=False)
+            join_ray(ray_address)
         else:
             temp_dir = _start_local_ray(max(os.cpu_count() or 1, cfg.workers))
     try:
