@@ -9,6 +9,7 @@ whole and atomically under its final name, a retry never duplicates or loses a r
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -19,6 +20,21 @@ from typing import Any
 from .faults import record_driver_process_group
 
 __all__ = ["run_on_actors", "join_ray", "check_ray_address", "RayAddressError"]
+
+
+class _TokenAuthNotice(logging.Filter):
+    """Drops Ray's notice that it turned token authentication on for a new local cluster.
+
+    Authentication stays on (Ray's default: a token in ~/.ray/auth_token); the notice asked
+    nothing of the user and was printed by every run. Ray's warning that authentication is OFF
+    is kept: that one matters.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def _start_local_ray(num_cpus: int | None = None) -> str:
@@ -51,6 +67,9 @@ def _start_local_ray(num_cpus: int | None = None) -> str:
             f"and pass --ray-address 127.0.0.1:6379")
     ray_constants.ENABLE_RAY_CLUSTER = False
     record_driver_process_group()  # before Ray starts the processes that inherit the environment
+    auth_log = logging.getLogger(_AUTH_LOGGER)
+    if not any(isinstance(f, _TokenAuthNotice) for f in auth_log.filters):
+        auth_log.addFilter(_TokenAuthNotice())
     temp_dir = tempfile.mkdtemp(prefix="dp-ray-", dir=os.environ.get("RAY_TMPDIR") or None)
     try:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,

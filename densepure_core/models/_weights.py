@@ -147,7 +147,11 @@ def _load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
 
 def _freeze(model: torch.nn.Module, device: torch.device | str,
             dtype: torch.dtype) -> torch.nn.Module:
-    model.to(device=device, dtype=dtype)
+    current = next(iter(model.parameters()), None)
+    if current is not None and current.dtype == dtype:
+        model.to(device=device)  # no dtype: diffusers warns about any dtype cast, even a no-op one
+    else:
+        model.to(device=device, dtype=dtype)
     model.eval()
     model.requires_grad_(False)
     return model
