@@ -63,13 +63,40 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _fail_with_cause(exc: BaseException) -> None:
-    """End a failed run with its user-facing cause as one ``error:`` line (exit code 1)."""
+def _write_details(out: str, exc: BaseException) -> str | None:
+    """Write ``exc``'s whole traceback chain (Ray's remote traceback included) to
+    ``OUT/logs/error-<UTC time>.log``; its URI, or None when OUT holds no run (nothing is created
+    there) or the write fails (the error line must still come)."""
+    import traceback
+    from datetime import datetime, timezone
+
+    from tasks import storage
+    from tasks.layout import config_uri
+
+    try:
+        if not storage.exists(config_uri(out)):
+            return None
+        uri = storage.join(out, "logs", f"error-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}.log")
+        storage.write_text_atomic(uri, "".join(traceback.format_exception(exc)))
+        return uri
+    except Exception:  # noqa: BLE001 - the details are a courtesy; the error line is what counts
+        return None
+
+
+def _fail_with_cause(exc: BaseException, out: str | None = None) -> None:
+    """End a failed run with its user-facing cause as one ``error:`` line (exit code 1).
+
+    A known error (a refusal naming the input and the fix) is the whole story. An unexpected one
+    is shown as its type and message, and its traceback goes to a log file under ``out`` (when
+    OUT holds a run), named in the line.
+    """
     from tasks.plan import PlanError
 
     cause = _root_cause(exc)
-    known = isinstance(cause, (PlanError, ValueError, OSError, FloatingPointError))
-    _fail(str(cause) if known else f"{type(cause).__name__}: {cause}", 1)
+    if isinstance(cause, (PlanError, ValueError, OSError, FloatingPointError)):
+        _fail(str(cause), 1)
+    details = _write_details(out, exc) if out else None
+    _fail(f"{type(cause).__name__}: {cause}" + (f" (details: {details})" if details else ""), 1)
 
 
 def _interrupted(out: str) -> None:
@@ -165,7 +192,7 @@ def certify(
     except KeyboardInterrupt:
         _interrupted(out)
     except Exception as exc:  # noqa: BLE001 - every failure ends as one clear message, no traceback
-        _fail_with_cause(exc)
+        _fail_with_cause(exc, out)
     _report_result(result, out, "image(s)", "accuracy")
 
 
@@ -194,7 +221,7 @@ def attack(
     except KeyboardInterrupt:
         _interrupted(out)
     except Exception as exc:  # noqa: BLE001 - every failure ends as one clear message, no traceback
-        _fail_with_cause(exc)
+        _fail_with_cause(exc, out)
     _report_result(result, out, "image-partition(s)", "attack_summary")
 
 
@@ -220,7 +247,7 @@ def train_addt(
     try:
         result = run_train_addt_job(cfg, out=out, ray_address=ray_address)
     except Exception as exc:  # noqa: BLE001 - every failure ends as one clear message, no traceback
-        _fail_with_cause(exc)
+        _fail_with_cause(exc, out)
     timings = "  ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items())
     typer.echo(f"stages: {timings}", err=True)
     typer.echo(result["report"])

@@ -40,3 +40,4 @@ def test_an_address_nothing_answers_fails_in_seconds_naming_it(command, job, tmp
 def test_a_malformed_address_says_the_expected_form(address):
     with pytest.raises(RayAddressError, match="expected host:port"):
         check_ray_address(address)
+
