@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from model_factory import tiny_job
+from netcheck import LOOPBACK, descendants, listening_addresses
 from server_procs import ROOT, child_env, free_port, log_tail, started, wait_http
 
 pytestmark = pytest.mark.servers
@@ -47,6 +48,8 @@ def server(tmp_path_factory):
     log = tmp / "server.log"
     with started(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, log=log) as proc:
         wait_http(f"{api}/health", proc, log)
+        sockets = listening_addresses(descendants(proc.pid))
+        assert sockets and all(addr in LOOPBACK for addr, _ in sockets), sockets  # the server: loopback only
         env = dict(env, PREFECT_API_URL=api)
         _cli(["infra/prefect/create-work-pool.sh", "densepure", "2"], env)
         _cli(["prefect", "--no-prompt", "deploy", "--all"], env)
