@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from densepure_core.config import CertifyConfig, resolve_source
-from densepure_core.data.sources import ImageRecord, enumerate_records, missing_local_files, select_records
+from densepure_core.data.sources import ImageRecord, enumerate_records, missing_files, select_records
 from densepure_core.rng import STREAM_VERSION
 
 from . import storage
@@ -329,9 +329,9 @@ def write_manifest(out: str, chosen, shard_size: int) -> None:
 
 
 def check_files_exist(records, on_bad_input: str) -> None:
-    """Refuse, before anything is written, images whose local file does not exist (under
-    ``on_bad_input: fail``); under ``quarantine`` the workers record them in the errors table."""
-    missing = missing_local_files(list(records))
+    """Refuse, before anything is written, images whose local file or S3 object does not exist
+    (under ``on_bad_input: fail``); under ``quarantine`` the workers record them in the errors table."""
+    missing = missing_files(list(records))
     if missing and on_bad_input == "fail":
         first = missing[0]
         raise PlanError(f"{len(missing)} image file(s) of the dataset do not exist, e.g. {first.uri!r} (image_id "

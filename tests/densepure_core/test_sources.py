@@ -122,3 +122,27 @@ def test_imagefolder_on_s3(tmp_path, s3_endpoint, monkeypatch):
     local = load_image(enumerate_records(DatasetConfig(kind="imagefolder", path=str(root), image_size=8))[0][0],
                        DatasetConfig(kind="imagefolder", path=str(root), image_size=8))
     assert torch.equal(load_image(records[0], cfg), local)
+
+
+def test_missing_s3_objects_are_found_with_one_listing_per_prefix(s3_endpoint, monkeypatch):
+    import s3fs
+
+    from densepure_core.data.sources import ImageRecord, missing_files
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    fs.mkdir("exists-bucket")
+    for key in ("a/0.png", "a/1.png", "b/0.png"):
+        fs.pipe_file(f"exists-bucket/{key}", b"x")
+    records = [ImageRecord(k, f"s3://exists-bucket/{k}", 0) for k in ("a/0.png", "a/1.png", "a/2.png", "b/0.png",
+                                                                       "c/0.png")]
+    calls = []
+    original = s3fs.S3FileSystem._ls  # s3fs's sync ls() runs this coroutine
+
+    async def counted(self, path, *args, **kw):
+        calls.append(path)
+        return await original(self, path, *args, **kw)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_ls", counted)
+    assert [r.image_id for r in missing_files(records)] == ["a/2.png", "c/0.png"]
+    assert sorted(calls) == ["exists-bucket/a", "exists-bucket/b", "exists-bucket/c"]
