@@ -253,8 +253,9 @@ def load_image(record: ImageRecord, cfg: DatasetConfig) -> torch.Tensor:
     except FileNotFoundError as exc:
         raise DatasetError(f"image {record.uri!r} (image_id {record.image_id!r}) does not exist: it was removed "
                            f"after planning, or the manifest names a file that never existed (relative URIs "
-                           f"are resolved against the manifest's directory); restore the file, or fix the "
-                           f"manifest and use a new --out") from exc
+                           f"are resolved against the manifest's directory): restore the file; or rerun with "
+                           f"--set on_bad_input=quarantine to record it in the errors table and finish the rest "
+                           f"(the finished work is kept); or fix the manifest and use a new --out") from exc
     except Exception as exc:
         raise DatasetError(f"image {record.uri!r} could not be read ({type(exc).__name__}: {exc}); "
                            f"check the path, permissions and S3 endpoint") from exc

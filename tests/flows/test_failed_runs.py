@@ -251,3 +251,27 @@ def test_a_run_that_failed_before_any_vote_takes_the_fix_it_was_given(tmp_path):
     assert "fields that differ: n" in message and "choose another --out" in message
     assert str(tmp_path / "out" / "config.yaml") in message  # the stored config that resumes it
     assert snapshot(tmp_path / "out" / "votes") == votes
+
+
+def test_after_votes_a_removed_image_names_the_way_out_that_keeps_them(tmp_path):
+    """Item 1, after voting: the last shard's corrupt image stops the run with two shards voted.
+    Removing the image as advised is then "does not exist" (the plan is kept with its votes), and
+    the message names the way out that keeps them: on_bad_input=quarantine, which finishes."""
+    data = tiny_job(tmp_path, methods=[{"kind": "rs"}], sigmas=[0.5], shard_size=2, workers=1)
+    bad = tmp_path / "data" / "b" / "2.png"  # the last image: the third shard
+    bad.write_bytes(b"not a png")
+    config = _write(tmp_path, data)
+    failed = runner.invoke(app, ["certify", "--config", str(config)])
+    assert failed.exit_code == 1 and "cannot be decoded" in one_error_line(failed)
+    votes = snapshot(tmp_path / "out" / "votes")
+    assert len(votes) == 2
+
+    bad.unlink()
+    gone = runner.invoke(app, ["certify", "--config", str(config)])
+    assert gone.exit_code == 1
+    message = one_error_line(gone)
+    assert "does not exist" in message and "--set on_bad_input=quarantine" in message
+    finished = runner.invoke(app, ["certify", "--config", str(config), "--set", "on_bad_input=quarantine"])
+    assert finished.exit_code == 0, finished.output
+    assert "1 image(s) quarantined" in finished.output and "| 0.5 | rs | 5 |" in finished.output
+    assert all(snapshot(tmp_path / "out" / "votes")[p] == b for p, b in votes.items())  # the votes were kept
