@@ -1,7 +1,9 @@
 """The pipeline on S3 (a real moto S3 server on 127.0.0.1): models and images read from s3://, votes,
 tables and checkpoints written there, resume from there, sql on s3://."""
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import s3fs
@@ -17,12 +19,22 @@ runner = CliRunner()
 
 
 def test_certify_and_query_on_s3(tmp_path, s3_endpoint, monkeypatch):
+    """Everything on S3: the diffusion model and the images are read from s3://, votes and tables
+    written there, a rerun resumes from there, and `densepure sql s3://...` queries it."""
+    from densepure_core.models import file_sha256
+
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
     fs.mkdir("results-bucket")
+    fs.mkdir("models-bucket")
     out = "s3://results-bucket/runs/tiny"
+    job = tiny_job(tmp_path, sigmas=[0.5], methods=[{"kind": "rs"}, {"kind": "dds"}])
+    fs.put(job["diffusion"]["source"], "models-bucket/ddpm", recursive=True)
+    fs.put(job["dataset"]["path"], "models-bucket/data", recursive=True)
+    job.update(diffusion={"source": "s3://models-bucket/ddpm"},
+               dataset=dict(job["dataset"], path="s3://models-bucket/data"))
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_job(tmp_path, sigmas=[0.5], methods=[{"kind": "rs"}, {"kind": "dds"}])))
+    config.write_text(yaml.safe_dump(job))
 
     result = runner.invoke(app, ["certify", "--config", str(config), "--out", out], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -35,6 +47,14 @@ def test_certify_and_query_on_s3(tmp_path, s3_endpoint, monkeypatch):
         assert f"results-bucket/runs/tiny/{name}" in keys, name
     stored = yaml.safe_load(fs.cat("results-bucket/runs/tiny/config.yaml"))
     assert stored["out"] == out and "secret" not in json.dumps(stored).lower()
+    # The workers purified with their copy of the uploaded model: the weights in the cache that
+    # load_diffusion keeps for this URI (~/.cache/densepure/s3/<sha256(uri)[:16]>; not HOME in a
+    # temp dir: Ray's token file lives under HOME too) are the local model's.
+    uri = job["diffusion"]["source"]
+    cached = Path("~/.cache/densepure/s3").expanduser() / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    local = tmp_path / "models" / "ddpm"
+    weights = sorted(p.relative_to(local) for p in local.rglob("*.safetensors"))
+    assert weights and all(file_sha256(cached / w) == file_sha256(local / w) for w in weights)
 
     again = runner.invoke(app, ["certify", "--config", str(config), "--out", out], catch_exceptions=False)
     assert "computed 0 shards, 6 already complete" in again.output
@@ -76,32 +96,3 @@ def test_train_addt_checkpoints_metrics_and_model_on_s3(tmp_path, s3_endpoint, m
     assert sql.output.splitlines()[1] == "3", sql.output
     model = load_diffusion(f"{out}/model", cache_dir=tmp_path / "cache")
     assert model.unet.config.sample_size == 8
-
-
-def test_certify_reads_the_diffusion_model_and_the_images_from_s3(tmp_path, s3_endpoint, monkeypatch):
-    """diffusion.source and dataset.path on S3 (and OUT): the workers copy the model once into
-    their cache (~/.cache/densepure/s3) and purify with it; the copy is the uploaded model."""
-    from densepure_core.models import file_sha256
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the Ray workers' model cache, inherited
-    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
-    fs.mkdir("models-bucket")
-    job = tiny_job(tmp_path, sigmas=[0.5], methods=[{"kind": "dds"}], shard_size=6)
-    fs.put(job["diffusion"]["source"], "models-bucket/ddpm", recursive=True)
-    fs.put(job["dataset"]["path"], "models-bucket/data", recursive=True)
-    job.update(diffusion={"source": "s3://models-bucket/ddpm"},
-               dataset=dict(job["dataset"], path="s3://models-bucket/data"))
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(job))
-    out = "s3://models-bucket/runs/from-s3"
-
-    result = runner.invoke(app, ["certify", "--config", str(config), "--out", out], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    q = runner.invoke(app, ["sql", out, "SELECT method, count(*) AS images, sum(n) AS votes FROM certificates "
-                                        "GROUP BY 1", "--format", "json"], catch_exceptions=False)
-    assert json.loads(q.output) == [{"method": "dds", "images": 6, "votes": 6 * job["n"]}]
-    (cached,) = (tmp_path / "home" / ".cache" / "densepure" / "s3").iterdir()
-    local = tmp_path / "models" / "ddpm"
-    weights = sorted(p.relative_to(local) for p in local.rglob("*.safetensors"))
-    assert weights and all(file_sha256(cached / w) == file_sha256(local / w) for w in weights)
