@@ -44,7 +44,10 @@ def server(tmp_path_factory):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = child_env(PREFECT_HOME=str(tmp / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                    PREFECT_UI_ENABLED="false", PREFECT_API_URL=None, DENSEPURE_HOME=str(ROOT))
+                    PREFECT_UI_ENABLED="false", PREFECT_API_URL=None, DENSEPURE_HOME=str(ROOT),
+                    # The scheduler's main loop (default 60 s); its 5 s loop for recently changed
+                    # deployments alone sometimes missed a resumed schedule for a minute.
+                    PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5")
     log = tmp / "server.log"
     with started(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, log=log) as proc:
         wait_http(f"{api}/health", proc, log)
@@ -136,7 +139,7 @@ def test_an_active_cron_schedule_creates_runs(server):
              "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}
     deadline, runs = time.monotonic() + 90, []
     while not [r for r in runs if r["auto_scheduled"]] and time.monotonic() < deadline:
-        time.sleep(1)  # the server's scheduler looks at recently changed deployments every 5 s
+        time.sleep(1)  # the server's scheduler runs every 5 s here
         runs = httpx.post(f"{api}/flow_runs/filter", json=query).json()
     auto = [r for r in runs if r["auto_scheduled"]]
     assert auto, "no run was scheduled within 90 s of resuming the schedule"

@@ -36,6 +36,7 @@ UNSHARE = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount-proc"
 SCRIPT = r"""
 set -euo pipefail
 ip link set lo up
+ip -o addr show > "$WORK/addresses"   # what this namespace can reach: loopback only
 densepure certify --config "$JOB" --set workers=1 --out "$WORK/single" > "$WORK/single.log" 2>&1 &
 reference=$!
 ray start --head --port=6379 --num-cpus=1 --include-dashboard=false --disable-usage-stats \
@@ -105,6 +106,8 @@ def test_certify_on_a_two_node_cluster_uses_both_nodes_and_equals_a_single_node_
     finally:
         shutil.rmtree(ray_temp, ignore_errors=True)
 
+    addresses = (tmp_path / "addresses").read_text().split()
+    assert {a for a in addresses if "/" in a} <= {"127.0.0.1/8", "::1/128"}, addresses  # lo only
     nodes = json.loads((tmp_path / "nodes.json").read_text())
     assert len(nodes) == 2 and {n["ip"] for n in nodes} == {"127.0.0.1"}, nodes
     out = tmp_path / "cluster"
