@@ -37,6 +37,35 @@ class _TokenAuthNotice(logging.Filter):
 _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
+def _pin_loopback(why: str) -> None:
+    """Make this process's Ray use 127.0.0.1 as its own address (never the machine's other one).
+
+    Without it Ray binds a local cluster's services to the machine's non-loopback address, and a
+    driver joining ``127.0.0.1:PORT`` rewrites it to that address and dials it. Ray reads the
+    variable once, at import, into ray_constants (this process) and again in every process it
+    spawns (raylet, workers): set both, then verify.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray._private import ray_constants
+
+    # The driver's copy: Ray may have been imported before the line above (by another module, a
+    # test, a notebook), and then it would read the stale value. This writes a private Ray
+    # constant, so it is done only on the Ray minor version it was verified on
+    # (requirements/lock.txt); on another one the name or its meaning may have changed and the
+    # write would silently do nothing.
+    verified = (2, 60)
+    installed = tuple(int(part) for part in re.findall(r"\d+", ray.__version__)[:2])
+    if installed != verified or not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        raise RuntimeError(
+            f"{why} on loopback is verified on Ray {verified[0]}.{verified[1]}.x only "
+            f"(it sets the private ray._private.ray_constants.ENABLE_RAY_CLUSTER); Ray {ray.__version__} is "
+            f"installed. Install the tested version (make setup; requirements/lock.txt), or start Ray "
+            f"yourself on loopback (ray start --head --node-ip-address=127.0.0.1 --include-dashboard=false) "
+            f"and pass --ray-address 127.0.0.1:6379")
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def _start_local_ray(num_cpus: int | None = None) -> str:
     """Start Ray on loopback only (no dashboard); returns the private temp dir of its session files.
 
@@ -44,28 +73,8 @@ def _start_local_ray(num_cpus: int | None = None) -> str:
     removes it after ``ray.shutdown()``: each run used to leave one behind. Its name is short:
     Ray's socket paths inside it must fit in 107 bytes.
     """
-    # Without this Ray binds its services to the machine's non-loopback address. Ray reads the
-    # variable once, at import, into ray_constants (the driver) and again in every process it
-    # spawns (raylet, workers): set both, then verify.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    _pin_loopback("starting a local Ray")
     import ray
-    from ray._private import ray_constants
-
-    # The driver's copy: Ray may have been imported before the line above (by another module, a
-    # test, a notebook), and then ray.init would read the stale value and bind Ray to the
-    # machine's address. This writes a private Ray constant, so it is done only on the Ray
-    # minor version it was verified on (requirements/lock.txt); on another one the name or its
-    # meaning may have changed and the write would silently do nothing.
-    verified = (2, 60)
-    installed = tuple(int(part) for part in re.findall(r"\d+", ray.__version__)[:2])
-    if installed != verified or not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
-        raise RuntimeError(
-            f"starting a local Ray on loopback is verified on Ray {verified[0]}.{verified[1]}.x only "
-            f"(it sets the private ray._private.ray_constants.ENABLE_RAY_CLUSTER); Ray {ray.__version__} is "
-            f"installed. Install the tested version (make setup; requirements/lock.txt), or start Ray "
-            f"yourself on loopback (ray start --head --node-ip-address=127.0.0.1 --include-dashboard=false) "
-            f"and pass --ray-address 127.0.0.1:6379")
-    ray_constants.ENABLE_RAY_CLUSTER = False
     record_driver_process_group()  # before Ray starts the processes that inherit the environment
     auth_log = logging.getLogger(_AUTH_LOGGER)
     if not any(isinstance(f, _TokenAuthNotice) for f in auth_log.filters):
@@ -119,11 +128,21 @@ def check_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
             f"to run on a local Ray") from None
 
 
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
 def join_ray(address: str) -> None:
-    """Connect this driver to the Ray cluster at ``address`` (checked first: :func:`check_ray_address`)."""
+    """Connect this driver to the Ray cluster at ``address`` (checked first: :func:`check_ray_address`).
+
+    A loopback address stays loopback: Ray would otherwise replace 127.0.0.1 by the machine's
+    other address and dial that (a cluster of several nodes on one machine is then run in a
+    network namespace that has only loopback, where 127.0.0.1 is right for every node).
+    """
     import ray
 
     check_ray_address(address)
+    if address.split("://", 1)[-1].rpartition(":")[0] in _LOOPBACK:
+        _pin_loopback("joining a Ray cluster")
     ray.init(address=address, log_to_driver=False)
 
 

@@ -41,3 +41,47 @@ def test_a_malformed_address_says_the_expected_form(address):
     with pytest.raises(RayAddressError, match="expected host:port"):
         check_ray_address(address)
 
+
+
+@pytest.mark.servers
+def test_joining_a_loopback_cluster_keeps_the_driver_on_loopback(tmp_path):
+    """A single-node cluster on 127.0.0.1 (`ray start --head`, stopped by PID): `densepure certify
+    --ray-address 127.0.0.1:PORT` runs on it, and the cluster records the driver's address as
+    127.0.0.1: Ray did not rewrite it to the machine's other interface (which it then dials)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    from server_procs import VENV_BIN, child_env, log_tail, started
+
+    port = _closed_port()
+    address = f"127.0.0.1:{port}"
+    temp = tempfile.mkdtemp(prefix="dp-rc-")  # short: Ray's socket paths must fit in 107 bytes
+    cmd = ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+           "--disable-usage-stats", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}"]
+    # Token authentication said explicitly on every side (as shared/environment.md measured for
+    # joining nodes): the drivers then read the token `ray start` wrote to ~/.ray/auth_token.
+    env = child_env(RAY_AUTH_MODE="token", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=None, DENSEPURE_FAULT_PGID=None)
+    log = tmp_path / "head.log"
+    with started(cmd, env=dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"), log=log):
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                check_ray_address(address, timeout=1)
+                break
+            except RayAddressError:
+                assert time.monotonic() < deadline, log_tail(log)
+                time.sleep(0.5)
+        config = tmp_path / "job.yaml"
+        config.write_text(yaml.safe_dump(tiny_job(tmp_path, methods=[{"kind": "rs"}], sigmas=[0.5])))
+        run = subprocess.run([f"{VENV_BIN}/densepure", "certify", "--config", str(config), "--ray-address", address],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:] + log_tail(log)
+        assert "| 0.5 | rs | 6 |" in run.stdout
+        jobs = subprocess.run([sys.executable, "-c", (
+            "import json, ray; from tasks.raypool import join_ray; join_ray(%r); "
+            "print(json.dumps([j['DriverIPAddress'] for j in ray._private.state.jobs()]))") % address],
+            env=env, capture_output=True, text=True, timeout=300)
+        drivers = json.loads(jobs.stdout.strip().splitlines()[-1])
+        assert len(drivers) == 2 and set(drivers) == {"127.0.0.1"}, jobs.stdout + jobs.stderr[-2000:]
