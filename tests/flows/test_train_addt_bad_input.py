@@ -85,7 +85,7 @@ def test_a_wrong_model_or_image_size_is_refused_before_anything_is_written(tmp_p
     wrong_size["dataset"] = dict(wrong_size["dataset"], image_size=12)
     result = runner.invoke(app, ["train-addt", "--config", str(_write(tmp_path, wrong_size, "size.yaml"))])
     assert result.exit_code == 1
-    assert "takes 3x8x8" in one_error_line(result)
+    assert "takes 8x8" in (message := one_error_line(result)) and "dataset.image_size" in message
     assert not (tmp_path / "out").exists()
 
 
