@@ -33,8 +33,8 @@ from densepure_core.rng import STREAM_VERSION
 from . import storage
 from .faults import fault_point
 from .layout import attack_errors_uri, attack_shard_uri, config_uri, manifest_uri, run_uri
-from .plan import (PlanError, _local_dir, _versions, check_files_exist, check_labels, shard_positions,
-                   source_hashes, write_manifest)
+from .plan import (PlanError, _local_dir, _versions, check_files_exist, check_labels, differing_fields,
+                   shard_positions, source_hashes, write_manifest)
 
 __all__ = ["AttackTask", "AttackPlan", "plan_attack", "load_attack_plan", "defense_t_star", "check_defenses"]
 
@@ -144,8 +144,7 @@ def _check_same_run(cfg: AttackConfig, out: str) -> None:
     stored_cfg = AttackConfig.model_validate(stored)
     if stored_cfg.config_hash() == cfg.config_hash():
         return
-    a, b = stored_cfg.vote_fields(), cfg.vote_fields()
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    diff = differing_fields(stored_cfg, cfg)
     raise PlanError(f"{out} already holds an attack run with a different config (fields that differ: "
                     f"{', '.join(diff)}; stored config_hash {stored_cfg.config_hash()}, this one "
                     f"{cfg.config_hash()}). Results of different configs are never mixed: choose another --out, "

@@ -303,12 +303,18 @@ def _check_same_run(cfg: CertifyConfig, out: str) -> None:
                             f"Results are never mixed: choose a new --out.")
     if stored.config_hash() == cfg.config_hash():
         return
-    a, b = stored.vote_fields(), cfg.vote_fields()
-    diff = sorted(k for k in a if a[k] != b.get(k))
+    diff = differing_fields(stored, cfg)
     raise PlanError(f"{out} already holds a run with a different config (fields that differ: {', '.join(diff)}; "
                     f"stored config_hash {stored.config_hash()}, this one {cfg.config_hash()}). "
                     f"Results of different configs are never mixed: choose another --out, or rerun with the "
                     f"stored config ({storage.join(out, 'config.yaml')}) to resume it.")
+
+
+def differing_fields(stored, cfg) -> list[str]:
+    """The ``votes`` fields (top level) on which two configs of one job differ, sorted: what a
+    refusal to resume an OUT with another config names."""
+    a, b = stored.vote_fields(), cfg.vote_fields()
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def shard_positions(images: int, shard_size: int) -> list[list[int]]:

@@ -51,7 +51,8 @@ from . import storage
 from .faults import fault_point
 from .layout import (TRAIN_METRICS_SCHEMA, checkpoint_name, config_uri, metrics_files, metrics_uri, model_dir,
                      run_uri, train_dir)
-from .plan import PlanError, _versions, check_files_exist, check_labels, source_hashes, write_manifest
+from .plan import (PlanError, _versions, check_files_exist, check_labels, differing_fields, source_hashes,
+                   write_manifest)
 
 __all__ = ["TrainPlan", "TrainProgress", "plan_training", "run_training", "train_loop_per_worker", "export_model",
            "latest_checkpoint", "is_train_out", "STATE_FILE"]
@@ -97,8 +98,7 @@ def _check_same_run(cfg: AddtConfig, out: str) -> None:
     stored_cfg = AddtConfig.model_validate(_check_same_job(out))
     if stored_cfg.config_hash() == cfg.config_hash():
         return
-    a, b = stored_cfg.vote_fields(), cfg.vote_fields()
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    diff = differing_fields(stored_cfg, cfg)
     raise PlanError(f"a different ADDT config was already trained in {out} (fields that differ: {', '.join(diff)};"
                     f" stored config_hash {stored_cfg.config_hash()}, this one {cfg.config_hash()}). Checkpoints of "
                     f"different configs are never mixed: choose another --out, or rerun with the stored config "
