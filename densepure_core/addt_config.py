@@ -18,21 +18,18 @@ worker) and the order of the gradient sum differ. Presets: ``addt_default`` (dig
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Literal
 
-import yaml
 from pydantic import field_validator, model_validator
 
 from densepure_core.attack_config import parse_eps
-from densepure_core.config import (ClassifierConfig, DatasetConfig, DiffusionConfig, _no_credentials, _Strict,
+from densepure_core.config import (ClassifierConfig, DatasetConfig, DiffusionConfig, _JobConfig, _no_credentials,
                                    _vote_dump, operational, unclassified_fields, votes)
 
 __all__ = ["AddtConfig"]
 
 
-class AddtConfig(_Strict):
+class AddtConfig(_JobConfig):
     """A whole ADDT fine-tuning run. Written, resolved, next to its results (OUT/config.yaml)."""
 
     job: Literal["train-addt"] = votes("train-addt", description="marks an ADDT training OUT")
@@ -93,12 +90,6 @@ class AddtConfig(_Strict):
         """The hash payload: every ``votes(...)`` field."""
         return _vote_dump(self)
 
-    def config_hash(self) -> str:
-        """sha256 (first 16 hex digits) of :meth:`vote_fields`: equal hashes, the same trajectory."""
-        return hashlib.sha256(json.dumps(self.vote_fields(), sort_keys=True).encode()).hexdigest()[:16]
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
 _UNDECLARED = unclassified_fields(AddtConfig)

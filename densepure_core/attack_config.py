@@ -15,16 +15,13 @@ Presets: ``attack_default`` (the embedded default, bundled digits models), ``att
 
 from __future__ import annotations
 
-import hashlib
-import json
 from fractions import Fraction
 from typing import Any, Literal
 
-import yaml
 from pydantic import field_validator, model_validator
 
-from densepure_core.config import (ClassifierConfig, DatasetConfig, DiffusionConfig, _no_credentials, _Strict,
-                                   _stream_version, _vote_dump, operational, unclassified_fields, votes)
+from densepure_core.config import (ClassifierConfig, DatasetConfig, DiffusionConfig, _JobConfig, _no_credentials,
+                                   _Strict, _stream_version, _vote_dump, operational, unclassified_fields, votes)
 
 __all__ = ["DefenseConfig", "ThreatConfig", "AttackItemConfig", "AttackConfig", "parse_eps"]
 
@@ -148,7 +145,7 @@ class AttackItemConfig(_Strict):
         return self.eot if self.eot is not None else (1 if self.kind == "dwbox" else 10)
 
 
-class AttackConfig(_Strict):
+class AttackConfig(_JobConfig):
     """A whole attack evaluation. Written, resolved, next to every result (OUT/config.yaml)."""
 
     job: Literal["attack"] = votes("attack", description="marks an attack OUT (certify OUTs have none)")
@@ -206,12 +203,6 @@ class AttackConfig(_Strict):
         """The hash payload: every ``votes(...)`` field, plus the noise-stream version."""
         return {**_vote_dump(self), "stream_version": _stream_version()}
 
-    def config_hash(self) -> str:
-        """sha256 (first 16 hex digits) of :meth:`vote_fields`: equal hashes, equal rows."""
-        return hashlib.sha256(json.dumps(self.vote_fields(), sort_keys=True).encode()).hexdigest()[:16]
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
 _UNDECLARED = unclassified_fields(AttackConfig)

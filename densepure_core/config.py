@@ -143,6 +143,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _JobConfig(_Strict):
+    """A job's whole config: hashed over :meth:`vote_fields` (defined by each job), written as YAML."""
+
+    def vote_fields(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def config_hash(self) -> str:
+        """sha256 (first 16 hex digits) of :meth:`vote_fields`: equal hashes, equal results."""
+        return hashlib.sha256(json.dumps(self.vote_fields(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
 _CREDENTIALS_IN_URI = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]+@")
 
 
