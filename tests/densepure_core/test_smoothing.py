@@ -14,6 +14,7 @@ from densepure_core.smoothing import (
     majority_decided,
 )
 from densepure_core.smoothing.scheduler import UNSEEN as _UNSEEN
+from pins import assert_labels_near
 
 
 def sbc_of(classifier, purifier, sigma, *, votes=1, num_classes, run_seed=0, **options):
@@ -128,15 +129,18 @@ def test_pinned_counts_and_ids_matter():
     sbc = make()
     counts0, counts, stats = sbc.selection_and_estimation(x, "img-d", n0=20, n=100)
     assert counts0.sum() == 20 and counts.sum() == 100
-    # Pinned: any change to seeding, noise or the vote rule changes these.
-    assert counts0.tolist() == PINNED_COUNTS0
-    assert counts.tolist() == PINNED_COUNTS
+    labels = sbc.labels(x, "img-d", range(120))  # copies 0-19 select, 20-119 estimate
+    np.testing.assert_array_equal(counts0, np.bincount(labels[:20], minlength=4))
+    np.testing.assert_array_equal(counts, np.bincount(labels[20:], minlength=4))
+    # Pinned: any change to seeding, noise or the vote rule redraws these (tests/pins.py).
+    assert_labels_near(labels, PINNED_LABELS)
     other = make().counts(x, "img-e", range(20, 120))
     assert other.tolist() != counts.tolist()  # a different image id draws different noise
 
 
-PINNED_COUNTS0 = [2, 15, 1, 2]
-PINNED_COUNTS = [7, 46, 5, 42]
+# counts0 [2, 15, 1, 2], counts [7, 46, 5, 42] when made
+PINNED_LABELS = ("11011311101111121131312110212333113313113331331001311303131331311311311313130032333311"
+                 "1311133132110133311111311133111333")
 
 
 class RangeRecorder(torch.nn.Module):
@@ -253,11 +257,11 @@ def test_engine_fast_path_equals_generic_path_and_reference_loop(ddpms):
     np.testing.assert_array_equal(got, slow.labels(x, "img-g", range(40)))
     assert s_fast.unet_calls == 3 * s_fast.classifier_calls
     assert s_fast.classifier_calls + s_fast.votes_skipped == 40 * 5
-    # Pinned: the tiny DDPM's labels (the fast path, cpu noise).
-    assert np.bincount(got, minlength=4).tolist() == PINNED_DDPM_COUNTS
+    # Pinned: the tiny DDPM's labels (the fast path, cpu noise; tests/pins.py).
+    assert_labels_near(got, PINNED_DDPM_LABELS)
 
 
-PINNED_DDPM_COUNTS = [1, 18, 3, 18]
+PINNED_DDPM_LABELS = "1112131131303313331333331113231111132133"  # counts [1, 18, 3, 18] when made
 
 
 def test_certify_many_equals_per_image_counts_and_keeps_order():
@@ -307,17 +311,20 @@ def test_device_noise_counts_do_not_depend_on_batch_size_or_order(batch_size):
 
 def test_device_noise_is_another_stream_and_pinned():
     x = image()
-    counts0, counts, _ = make(noise_device="device").selection_and_estimation(x, "img-d", n0=20, n=100)
-    cpu0, cpu, _ = make().selection_and_estimation(x, "img-d", n0=20, n=100)
+    device, cpu = make(noise_device="device"), make()
+    counts0, counts, _ = device.selection_and_estimation(x, "img-d", n0=20, n=100)
+    cpu0, cpu_counts, _ = cpu.selection_and_estimation(x, "img-d", n0=20, n=100)
     assert counts0.sum() == 20 and counts.sum() == 100
-    assert (counts0.tolist(), counts.tolist()) != (cpu0.tolist(), cpu.tolist())
-    # Pinned: a change to the counter stream (Philox, Box-Muller, key/counter layout) changes these.
-    assert counts0.tolist() == PINNED_DEVICE_COUNTS0
-    assert counts.tolist() == PINNED_DEVICE_COUNTS
+    assert (counts0.tolist(), counts.tolist()) != (cpu0.tolist(), cpu_counts.tolist())
+    labels = device.labels(x, "img-d", range(120))
+    np.testing.assert_array_equal(counts, np.bincount(labels[20:], minlength=4))
+    # Pinned: a change to the counter stream (Philox, Box-Muller, key/counter layout) redraws these.
+    assert_labels_near(labels, PINNED_DEVICE_LABELS)
 
 
-PINNED_DEVICE_COUNTS0 = [0, 10, 0, 10]
-PINNED_DEVICE_COUNTS = [6, 42, 4, 48]
+# counts0 [0, 10, 0, 10], counts [6, 42, 4, 48] when made
+PINNED_DEVICE_LABELS = ("13331133131311331113113033111133310311321131331331301111103131333321132132113313133333"
+                        "3331311313133333113303313310331111")
 
 
 def test_nan_in_a_stream_names_the_image():
