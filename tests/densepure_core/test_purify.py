@@ -25,6 +25,7 @@ from densepure_core.purify import (
 )
 from densepure_core.rng import REVERSE, RowNoise, derive_seed
 from densepure_core.schedule import DiffusionSchedule
+from pins import FLOAT_ATOL
 
 C, H = 3, 8
 
@@ -406,21 +407,24 @@ def _fixture_purifiers(tmp_path_factory):
                                                                           sigma, steps=steps)
 
 
-def test_reverse_step_is_bit_identical_to_the_engines_former_fast_path(tmp_path_factory):
+def test_reverse_step_reproduces_the_engines_former_fast_path(tmp_path_factory):
     """tests/densepure_core/data/fast_path_reference.pt holds the outputs of the engine's former
     ``_FastPurifier`` (its own copy of the step arithmetic, with device-cached coefficients) on
-    these tiny DDPMs, for explicit noise tensors. The one ReverseProcess.step must reproduce them
-    bit for bit, for every kind and both variance types."""
+    these tiny DDPMs, for explicit noise tensors. The one ReverseProcess.step reproduces them for
+    every kind and both variance types: bit for bit on the machine that stored them, within
+    FLOAT_ATOL on another CPU (tests/pins.py: one AVX-512 machine differed by 2e-7 to 4e-7)."""
     ref = torch.load(Path(__file__).parent / "data" / "fast_path_reference.pt")
     seen = 0
     for key, p in _fixture_purifiers(tmp_path_factory):
         x = torch.rand((5, 3, 8, 8), generator=torch.Generator().manual_seed(0))
         g = torch.Generator().manual_seed(11)
         zs = [torch.randn((5, 3, 8, 8), generator=g) for _ in range(p.draws)]
-        assert torch.equal(p(x, zs if zs else None), ref[key]), key
-        # The same through a noise source handing out the same tensors (drawn after each UNet call).
+        out = p(x, zs if zs else None)
+        torch.testing.assert_close(out, ref[key], rtol=0, atol=FLOAT_ATOL, msg=key)
+        # The same through a noise source handing out the same tensors (drawn after each UNet
+        # call): the same computation on this machine, so bit for bit.
         if zs:
-            assert torch.equal(p(x, ListNoise(zs)), ref[key]), key
+            assert torch.equal(p(x, ListNoise(zs)), out), key
         seen += 1
     assert seen == len(ref) == 8
 
