@@ -87,8 +87,12 @@ def test_clean_classifier_accuracy_is_pinned(manifest):
 
     model = timm.create_model(f"local-dir:{ASSETS / 'classifier_clean'}", pretrained=True).eval()
     acc = _accuracy(model, load_digits_split("test"))
-    assert acc == pytest.approx(manifest["metrics"]["clean_accuracy"]["classifier_clean"], abs=1e-6)
-    assert acc == pytest.approx(CLEAN_TEST_ACCURACY, abs=1e-9)
+    # Both figures were computed on another machine: a test image whose two top logits lie
+    # within rounding of each other may change its label on another CPU (tests/pins.py), so one
+    # image's worth is allowed.
+    one_image = 1.01 / 450
+    assert acc == pytest.approx(manifest["metrics"]["clean_accuracy"]["classifier_clean"], abs=one_image)
+    assert acc == pytest.approx(CLEAN_TEST_ACCURACY, abs=one_image)
 
 
 def test_committed_unet_loads_with_diffusers_and_output_is_pinned():
