@@ -150,8 +150,12 @@ def test_ctrl_c_says_how_to_resume_and_a_failed_aggregate_prints_one_line(tmp_pa
     ray_tmp = tempfile.mkdtemp(prefix="dp-t-")  # short: Ray's socket paths must fit in 107 bytes
     env = dict(os.environ, RAY_TMPDIR=ray_tmp)
     densepure = [str(Path(sys.executable).parent / "densepure"), "certify", "--config", str(config)]
+    # A shell that started the suite in the background ignores SIGINT, and a child inherits an
+    # ignored signal (Python then installs no KeyboardInterrupt handler): give the driver the
+    # default disposition, as a terminal's foreground process has.
     proc = subprocess.Popen(densepure, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stdout:
         lines.append(line)
