@@ -55,7 +55,7 @@ def build_config(args: argparse.Namespace, sampling: str, radii: list[float]):
 
 def certify(cfg, worker, method, sigma: float, records) -> dict:
     """One (sigma, method) pass over the images: per-image n_used, calls and certificate."""
-    from densepure_core import sequential, stats
+    from densepure_core.certification import sequential, stats
     from densepure_core.data.sources import load_image
     from densepure_core.smoothing import AdaptivePlan
 
@@ -77,7 +77,7 @@ def certify(cfg, worker, method, sigma: float, records) -> dict:
 
 
 def accuracy(res: dict, sigma: float, radii: list[float]) -> list[float]:
-    from densepure_core import stats
+    from densepure_core.certification import stats
 
     radius = np.where(res["pred"] >= 0, stats.certified_radius(sigma, np.maximum(res["lower"], 0.5)), 0.0)
     correct = (res["pred"] == res["label"]) & (res["pred"] >= 0)
@@ -108,7 +108,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> dict:
     from densepure_core.config import DEFAULT_RADII
     from densepure_core.data.sources import enumerate_records, select_records
-    from tasks.vote import VoteWorker
+    from tasks.certify.vote import VoteWorker
 
     args = parse_args(argv)
     start = time.perf_counter()

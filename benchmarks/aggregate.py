@@ -5,13 +5,13 @@ Run it (about a minute on two cores; the vote files go to a temporary directory)
     .venv/bin/python benchmarks/aggregate.py            # 1,000,000 x 10 classes, 50,000 x 1,000
     .venv/bin/python benchmarks/aggregate.py --scale 0.01   # a quick smoke run
 
-Two workloads of synthetic votes (tests/tasks/votes_factory.py, the exact vote schema, n0 =
+Two workloads of synthetic votes (tests/votes_factory.py, the exact vote schema, n0 =
 100, n = 10,000, shards of 10,000 / 5,000 images):
 
 - 1m: 1,000,000 images with 10 classes (2 sigmas x 2 methods x 250,000);
 - 50k_1000c: 50,000 images with 1,000 classes (ImageNet-sized count lists).
 
-Each is timed through :func:`tasks.aggregate.aggregate` end to end (read every shard, check,
+Each is timed through :func:`tasks.certify.aggregate.aggregate` end to end (read every shard, check,
 certify, accuracy table, write both tables). The baseline is the loop of the reference scripts
 (Cohen et al.'s ``certify.py`` and its DDS/DensePure copies): per image argmax, the
 statsmodels ``proportion_confint(method="beta")`` bound, which is ``scipy.stats.beta.ppf`` on
@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The repo root for `tasks`, tests/tasks for the vote factory (a test helper, not a package).
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "tasks")]
+# The repo root for `tasks`, tests/ for the vote factory (a test helper, not a package).
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import numpy as np  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
@@ -42,7 +42,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from scipy.stats import beta, norm  # noqa: E402
 from votes_factory import counts_matrix, make_votes, write_votes  # noqa: E402
 
-from tasks.aggregate import aggregate  # noqa: E402
+from tasks.certify.aggregate import aggregate  # noqa: E402
 
 ALPHA = 0.001
 N0, N = 100, 10_000

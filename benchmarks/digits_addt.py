@@ -40,7 +40,7 @@ RULES = ("mean", "majority", "worst")
 
 
 def train_config(args):
-    from densepure_core.addt_config import AddtConfig
+    from densepure_core.config.addt import AddtConfig
     from densepure_core.config import load_config
 
     over = [f"steps={args.train_steps}", f"out={args.out}/addt", f"workers={args.workers}"]
@@ -50,7 +50,7 @@ def train_config(args):
 
 
 def attack_config(args, source: str, name: str):
-    from densepure_core.attack_config import AttackConfig
+    from densepure_core.config.attack import AttackConfig
     from densepure_core.config import load_config
 
     data = {
@@ -126,7 +126,7 @@ def paired(orig: dict, tuned: dict, threat: str, attack: str, rule: str) -> tupl
 
 def render(args, tcfg, train_result: dict, orig: dict, tuned: dict, cert_o: dict, cert_t: dict,
            seconds: dict) -> str:
-    from tasks.textfmt import markdown_table
+    from tasks.common.textfmt import markdown_table
 
     acfg = attack_config(args, "-", "x")
     images = max(r["images"] for r in orig["summary"].values())

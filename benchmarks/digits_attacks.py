@@ -3,11 +3,11 @@
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/digits_attacks.py   # 60 images, ~25 min on 2 cores
     .venv/bin/python benchmarks/digits_attacks.py --dry-run                 # seconds; the test
 
-Builds one :class:`~densepure_core.attack_config.AttackConfig` (the bundled digits models, the
+Builds one :class:`~densepure_core.config.attack.AttackConfig` (the bundled digits models, the
 test split; defenses ``none``, DiffPure-style purification at t* = 0.1 of the schedule with 4
 DDPM steps, and the same with a K = 3 majority; threats L_inf 4/255, 8/255, 32/255 and L_2 0.5,
 2.0; attacks PGD-EOT with exact gradients, DW-box and BPDA), runs :func:`flows.attack.run_attack_job`
-into ``--out`` (a rerun resumes), then reads the ``attack_summary`` view (tasks/attack_sql.py)
+into ``--out`` (a rerun resumes), then reads the ``attack_summary`` view (tasks/attack/summary_sql.py)
 and a paired comparison of exact-gradient PGD-EOT with BPDA (the same images, clean examples
 and scoring purifications: an exact sign test on the images one attack breaks and the other
 does not). Writes the generated block of ``docs/results/digits_attacks.md`` (between the
@@ -32,7 +32,7 @@ THREATS = [{"norm": "linf", "eps": "4/255"}, {"norm": "linf", "eps": "8/255"}, {
 
 
 def build_config(args: argparse.Namespace):
-    from densepure_core.attack_config import AttackConfig
+    from densepure_core.config.attack import AttackConfig
     from densepure_core.config import load_config
 
     data = {
@@ -83,7 +83,7 @@ def _pct(v, lo, hi) -> str:
 
 
 def render(cfg, summary: list[dict], paired: list[dict], seconds: float) -> str:
-    from tasks.textfmt import markdown_table
+    from tasks.common.textfmt import markdown_table
 
     images = max(r["images"] for r in summary)
     lines = [BEGIN, "",
@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = build_config(args)
     t0 = time.perf_counter()
     if args.dry_run:  # in-process: no Ray, no Prefect
-        from tasks.attack import AttackWorker
-        from tasks.attack_plan import plan_attack
+        from tasks.attack.worker import AttackWorker
+        from tasks.attack.plan import plan_attack
 
         worker = AttackWorker(cfg)
         for task in plan_attack(cfg).tasks():

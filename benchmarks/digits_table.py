@@ -16,7 +16,7 @@ published tables with DuckDB (:func:`tasks.query.connect`) for:
 - mean UNet calls, classifier calls and seconds per image (the votes record the calls made);
 - the saving of exact early exit per DensePure method: without it an image costs exactly
   (n0 + n) x K x S UNet calls and (n0 + n) x K classifier calls, with identical counts
-  (tests/densepure_core/test_smoothing.py::test_early_exit_is_exact_and_saves_calls).
+  (tests/densepure_core/smoothing/test_smoothing.py::test_early_exit_is_exact_and_saves_calls).
 
 Writes ``<results-dir>/digits.png`` (one panel per sigma), ``digits_votes_summary.csv`` and the
 generated block of ``digits.md`` (between the ``GENERATED`` markers; the prose around it is
@@ -259,7 +259,7 @@ def markdown(rows: list[dict], cfg, run_seconds: float | None, png_name: str,
                   "Without early exit every image costs exactly (n0 + n) x K x S UNet calls and "
                   "(n0 + n) x K classifier calls; the counts (hence every certificate) are identical "
                   "with and without it by construction (tested in "
-                  "`tests/densepure_core/test_smoothing.py::test_early_exit_is_exact_and_saves_calls`).", "",
+                  "`tests/densepure_core/smoothing/test_smoothing.py::test_early_exit_is_exact_and_saves_calls`).", "",
                   "| sigma | method | UNet calls without | with | saved (%) | classifier calls without | with | saved (%) |",
                   "|---:|:---|---:|---:|---:|---:|---:|---:|"]
         for r in dp:
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     run_seconds = None
     if args.partial:
-        from tasks import aggregate as aggregate_mod
+        from tasks.certify import aggregate as aggregate_mod
 
         aggregate_mod.aggregate(args.out, alpha=cfg.alpha, radii=cfg.radii, allow_partial=True)
     else:

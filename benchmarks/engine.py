@@ -56,8 +56,8 @@ ASSETS = ROOT / "densepure_core" / "assets" / "digits"
 def load_models(random_models: bool, tiny: bool):
     """(unet, schedule, classifier, description). Bundled digits models unless ``random_models``."""
     from densepure_core.models import Classifier, load_classifier, load_diffusion
-    from densepure_core.schedule import DiffusionSchedule
-    from densepure_core.toy import ToyRecipe, build_classifier, build_scheduler, build_unet
+    from densepure_core.diffusion.schedule import DiffusionSchedule
+    from densepure_core.models.toy import ToyRecipe, build_classifier, build_scheduler, build_unet
 
     if not random_models:
         if not (ASSETS / "manifest.json").is_file():
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     from densepure_core.data.digits import load_digits_split
-    from densepure_core.purify import make_purifier, unet_denoiser
+    from densepure_core.diffusion.purify import make_purifier, unet_denoiser
 
     unet, schedule, clf, what = load_models(args.random_models, tiny=args.dry_run)
     purifier = make_purifier("densepure", unet_denoiser(unet), schedule, args.sigma, steps=args.steps)

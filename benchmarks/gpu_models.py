@@ -15,7 +15,7 @@ Sections:
    Carlini et al.'s ImageNet model: 256 channels, 2 res blocks, channel mult 1,1,2,2,4,4,
    attention at 32/16/8 with 64 channels per head, scale-shift norm, resblock up/down, learned
    sigma; 552.8 M parameters) as a diffusers ``UNet2DModel`` with random weights
-   (``densepure_core.adm``'s preset when present). FLOPs per call are counted by
+   (``densepure_core.models.adm``'s preset when present). FLOPs per call are counted by
    ``torch.utils.flop_counter`` (2.24 TFLOP at 256x256). For each mode and batch size: ms per
    call, achieved TFLOP/s and its fraction of R. Target: >= 50 % of R in bf16.
 3. ``beit``: timm ``beit_large_patch16_512`` (random weights, 0.72 TFLOP per image), the same table.
@@ -103,7 +103,7 @@ def matmul_tflops(device: torch.device, n: int, reps: int) -> float:
 
 # --------------------------------------------------------------------------- models
 def tiny_adm_config():
-    from densepure_core.adm import AdmConfig
+    from densepure_core.models.adm import AdmConfig
 
     return AdmConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
                      attention_resolutions=(16,), num_head_channels=16, learn_sigma=True,
@@ -114,12 +114,12 @@ def build_adm(tiny: bool, device: torch.device | str = "cpu"):
     """(UNet2DModel with random weights on ``device``, image size). ADM-256 unless ``tiny``."""
     torch.manual_seed(0)
     try:
-        from densepure_core.adm import ADM_PRESETS, build_unet
+        from densepure_core.models.adm import ADM_PRESETS, build_unet
 
         cfg = tiny_adm_config() if tiny else ADM_PRESETS["imagenet256-uncond"]
         # Initialised on the device itself: 552.8 M parameters initialise in seconds there.
         return build_unet(cfg, device=device).eval().requires_grad_(False), cfg.image_size
-    except ImportError:  # no densepure_core.adm: the same architecture, spelled out
+    except ImportError:  # no densepure_core.models.adm: the same architecture, spelled out
         from diffusers import UNet2DModel
 
         ch, mult, size = (32, (1, 2), 32) if tiny else (256, (1, 1, 2, 2, 4, 4), 256)
@@ -158,7 +158,7 @@ def count_flops(fn) -> int:
 
 def variant(model: torch.nn.Module, mode: str, device: torch.device):
     """(module to call, input dtype, autocast context factory) for a mode."""
-    from densepure_core.accel import prepare_module
+    from densepure_core.models.accel import prepare_module
 
     if mode == "fp32":
         return model.float(), torch.float32, contextlib.nullcontext
@@ -215,8 +215,8 @@ def best(results: dict, name: str, modes: tuple[str, ...]) -> dict:
 # --------------------------------------------------------------------------- certify
 def certify_section(args, device, rate, tiny: bool, results: dict) -> None:
     from densepure_core.models import Classifier
-    from densepure_core.purify import make_purifier, unet_denoiser
-    from densepure_core.schedule import DiffusionSchedule
+    from densepure_core.diffusion.purify import make_purifier, unet_denoiser
+    from densepure_core.diffusion.schedule import DiffusionSchedule
     from densepure_core.smoothing import EngineOptions, SmoothedBaseClassifier
 
     unet, size = build_adm(tiny, device)

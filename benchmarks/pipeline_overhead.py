@@ -29,7 +29,7 @@ def bare_loop(cfg, plan) -> tuple[float, dict]:
     import torch
 
     from densepure_core.data.sources import load_image
-    from tasks.vote import VoteWorker
+    from tasks.certify.vote import VoteWorker
 
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
@@ -64,7 +64,7 @@ def main() -> None:
     apply_environment_defaults()  # before flows.certify imports Prefect
     from densepure_core.config import load_config
     from flows.certify import run_certify
-    from tasks.plan import plan_run
+    from tasks.certify.plan import plan_run
 
     cfg = load_config(args.config, args.overrides)
     work = tempfile.mkdtemp(prefix="densepure-overhead-")

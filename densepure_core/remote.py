@@ -3,7 +3,7 @@
 S3 endpoint, credentials and region come from the standard AWS environment/config chain
 (``AWS_ENDPOINT_URL_S3`` for a MinIO or moto server). An unreachable endpoint fails within
 seconds instead of after botocore's long default retries. Used by the dataset sources here
-by the pipeline's result storage (tasks/storage.py) and by the S3 model cache (models/diffusion.py).
+by the pipeline's result storage (tasks/common/storage.py) and by the S3 model cache (models/diffusion.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Run it with ``densepure attack [--config FILE|PRESET] [--out DIR|s3://...]``; wi
 runs the packaged ``attack_default`` (bundled digits models). Like ``densepure certify``:
 Prefect without a server unless ``PREFECT_API_URL`` is set, local Ray on loopback unless
 ``--ray-address``, and rerunning the same command on the same OUT finishes only what is
-missing (tasks/attack_plan.py).
+missing (tasks/attack/plan.py).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 
-from densepure_core.attack_config import AttackConfig
+from densepure_core.config.attack import AttackConfig
 from densepure_core.config import load_config
-from tasks.attack import AttackShardResult, run_attack_stage
-from tasks.attack_plan import AttackPlan, plan_attack
-from tasks.attack_summary import write_attack_report
+from tasks.attack.worker import AttackShardResult, run_attack_stage
+from tasks.attack.plan import AttackPlan, plan_attack
+from tasks.attack.summary import write_attack_report
 
 __all__ = ["attack_flow", "attack_config_file", "run_attack_job", "AttackProgress"]
 

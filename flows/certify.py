@@ -1,10 +1,10 @@
 """The certification flow: plan -> vote (Ray actors) -> aggregate (DuckDB) -> report.
 
 Run it with ``densepure certify [--config FILE|PRESET] [--out DIR|s3://...]``; with no config it
-runs the packaged default (``densepure_core/configs/default.yaml``). Without ``PREFECT_API_URL`` Prefect starts a
+runs the packaged default (``densepure_core/config/presets/default.yaml``). Without ``PREFECT_API_URL`` Prefect starts a
 temporary local server for the run (no server to manage); with it, runs are recorded there.
 
-Rerunning the same command on the same OUT finishes only what is missing (see tasks/plan.py).
+Rerunning the same command on the same OUT finishes only what is missing (see tasks/certify/plan.py).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from prefect.artifacts import (
 )
 
 from densepure_core.config import CertifyConfig, load_config
-from tasks import aggregate as aggregate_mod
-from tasks import report as report_mod
-from tasks import storage
-from tasks.errors import quarantined_counts
-from tasks.plan import Plan, plan_run, plan_summary, record_published_tables
-from tasks.vote import ShardResult, run_vote_stage
+from tasks.certify import aggregate as aggregate_mod
+from tasks.certify import report as report_mod
+from tasks.common import storage
+from tasks.common.quarantine import quarantined_counts
+from tasks.certify.plan import Plan, plan_run, plan_summary, record_published_tables
+from tasks.certify.vote import ShardResult, run_vote_stage
 
 __all__ = ["certify_flow", "certify_config_file", "ProgressPrinter", "run_certify"]
 

@@ -30,11 +30,11 @@ app.add_typer(config_app, name="config")
 _register_models(app)
 
 #: The config of `densepure certify` without --config: a preset shipped as package data
-#: (densepure_core/configs/default.yaml, read with importlib.resources; config.packaged_config).
+#: (densepure_core/config/presets/default.yaml, read with importlib.resources; config.packaged_config).
 DEFAULT_CONFIG = "default"
-#: The config of `densepure attack` without --config (densepure_core/configs/attack_default.yaml).
+#: The config of `densepure attack` without --config (densepure_core/config/presets/attack_default.yaml).
 DEFAULT_ATTACK_CONFIG = "attack_default"
-#: The config of `densepure train-addt` without --config (densepure_core/configs/addt_default.yaml).
+#: The config of `densepure train-addt` without --config (densepure_core/config/presets/addt_default.yaml).
 DEFAULT_ADDT_CONFIG = "addt_default"
 
 
@@ -42,10 +42,10 @@ DEFAULT_ADDT_CONFIG = "addt_default"
 def _entry() -> None:
     """The entry point of every command, run before it (and before it imports torch or Prefect,
     which read these settings at import): environment defaults (flows/environment.py) and the
-    fault-injection driver record (tasks/faults.py, tests only). Importing this module sets
+    fault-injection driver record (tasks/common/faults.py, tests only). Importing this module sets
     nothing."""
     from flows.environment import apply_environment_defaults
-    from tasks.faults import record_driver_process_group
+    from tasks.common.faults import record_driver_process_group
 
     apply_environment_defaults()
     record_driver_process_group()
@@ -70,8 +70,8 @@ def _write_details(out: str, exc: BaseException) -> str | None:
     import traceback
     from datetime import datetime, timezone
 
-    from tasks import storage
-    from tasks.layout import config_uri
+    from tasks.common import storage
+    from tasks.common.layout import config_uri
 
     try:
         if not storage.exists(config_uri(out)):
@@ -90,7 +90,7 @@ def _fail_with_cause(exc: BaseException, out: str | None = None) -> None:
     is shown as its type and message, and its traceback goes to a log file under ``out`` (when
     OUT holds a run), named in the line.
     """
-    from tasks.plan import PlanError
+    from tasks.certify.plan import PlanError
 
     cause = _root_cause(exc)
     if isinstance(cause, (PlanError, ValueError, OSError, FloatingPointError)):
@@ -141,7 +141,7 @@ def _quiet_console_tracebacks() -> None:
 def _check_ray(address: str | None) -> None:
     """A --ray-address that nothing answers ends here, in seconds, before anything is planned."""
     if address:
-        from tasks.raypool import RayAddressError, check_ray_address
+        from tasks.common.raypool import RayAddressError, check_ray_address
 
         try:
             check_ray_address(address)
@@ -155,10 +155,10 @@ def _load(config: Path | None, overrides: list[str], *, job: str = "certify"):
 
     model, default = None, DEFAULT_CONFIG
     if job == "attack":
-        from densepure_core.attack_config import AttackConfig as model
+        from densepure_core.config.attack import AttackConfig as model
         default = DEFAULT_ATTACK_CONFIG
     elif job == "train-addt":
-        from densepure_core.addt_config import AddtConfig as model
+        from densepure_core.config.addt import AddtConfig as model
         default = DEFAULT_ADDT_CONFIG
     path = config or packaged_config(default)
     try:
@@ -278,10 +278,10 @@ def sql(
 @app.command()
 def report(out: str = typer.Argument(..., help="A results directory or s3:// prefix.")):
     """Rebuild OUT/report.md (and, for a certification, the plot) from the stored results."""
-    from tasks.attack_summary import is_attack_out, write_attack_report
-    from tasks.report import write_report
-    from tasks.train_addt import is_train_out
-    from tasks.train_report import write_train_report
+    from tasks.attack.summary import is_attack_out, write_attack_report
+    from tasks.certify.report import write_report
+    from tasks.train_addt.train import is_train_out
+    from tasks.train_addt.report import write_train_report
 
     try:  # an empty, partial or foreign OUT ends as one error: line naming what to run first
         if is_train_out(out):
@@ -298,7 +298,7 @@ def export_tsv(
     dest: str = typer.Option(None, "--dest", help="Where to write (default OUT/tsv)."),
 ):
     """Write Cohen-style `idx label predict radius correct time` files, one per (sigma, method)."""
-    from tasks.report import export_tsv as _export
+    from tasks.certify.report import export_tsv as _export
 
     try:
         paths = _export(out, dest)
@@ -315,7 +315,7 @@ def train_toy(
     quick: bool = typer.Option(False, "--quick", help="A seconds-long smoke run of the same recipe."),
 ):
     """Train the bundled digits models (DDPM, clean and noise-trained classifiers) from scratch on CPU."""
-    from densepure_core.toy import train_all
+    from densepure_core.models.toy import train_all
 
     out = out or Path("results") / "toy-models"
     manifest = train_all(out, seed=seed, quick=quick, log=lambda m: typer.echo(m, err=True))

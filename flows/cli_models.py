@@ -74,7 +74,7 @@ def convert_adm(
 ):
     """Convert a guided-diffusion / improved-diffusion checkpoint to a diffusers UNet2DModel +
     DDPMScheduler, exactly (architectures diffusers cannot represent are refused)."""
-    from densepure_core.adm import (
+    from densepure_core.models.adm import (
         ADM_PRESETS,
         AdmConfig,
         AdmConversionError,
@@ -133,7 +133,7 @@ def models_fetch(
 ):
     """Download the preset's weights (OpenAI URLs, the Hugging Face Hub) and convert them into the
     cache; offline, convert what is there and say exactly what to place where."""
-    from densepure_core.presets import (
+    from densepure_core.models.presets import (
         DEFAULT_CACHE,
         MODEL_PRESETS,
         DiffusionWeights,
@@ -160,7 +160,7 @@ def models_fetch(
 @models_app.command("list")
 def models_list(cache: Path = typer.Option(None, "--cache", help="Model cache to check.")):
     """The model and config presets, with where each model comes from."""
-    from densepure_core.presets import (
+    from densepure_core.models.presets import (
         CONFIG_PRESETS,
         DEFAULT_CACHE,
         MODEL_PRESETS,

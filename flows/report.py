@@ -17,10 +17,10 @@ __all__ = ["report_flow", "rebuild_report"]
 
 def rebuild_report(out: str) -> str:
     """Write OUT/report.md for the job whose results OUT holds; returns its Markdown."""
-    from tasks.attack_summary import is_attack_out, write_attack_report
-    from tasks.report import write_report
-    from tasks.train_addt import is_train_out
-    from tasks.train_report import write_train_report
+    from tasks.attack.summary import is_attack_out, write_attack_report
+    from tasks.certify.report import write_report
+    from tasks.train_addt.train import is_train_out
+    from tasks.train_addt.report import write_train_report
 
     if is_train_out(out):
         return write_train_report(out)

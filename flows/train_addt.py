@@ -4,7 +4,7 @@ Run it with ``densepure train-addt [--config FILE|PRESET] [--out DIR|s3://...]``
 it fine-tunes the bundled digits DDPM with the bundled clean classifier (``addt_default``).
 Like the other jobs: Prefect without a server unless ``PREFECT_API_URL`` is set, local Ray on
 loopback unless ``--ray-address``, and the same command on the same OUT resumes from the last
-checkpoint (tasks/train_addt.py).
+checkpoint (tasks/train_addt/train.py).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 
-from densepure_core.addt_config import AddtConfig
+from densepure_core.config.addt import AddtConfig
 from densepure_core.config import load_config
-from tasks.train_addt import TrainPlan, TrainProgress, export_model, plan_training, run_training
-from tasks.train_report import write_train_report
+from tasks.train_addt.train import TrainPlan, TrainProgress, export_model, plan_training, run_training
+from tasks.train_addt.report import write_train_report
 
 __all__ = ["train_addt_flow", "train_addt_config_file", "run_train_addt_job", "TrainPrinter"]
 

@@ -7,7 +7,7 @@
 - ``certificates`` and ``accuracy``: the published tables, or, with ``alpha=...``, tables
   re-certified from the stored counts at that alpha (no GPU, nothing written).
 
-The statistics UDFs of :mod:`tasks.sqlfuncs` are registered on it.
+The statistics UDFs of :mod:`tasks.common.sqlfuncs` are registered on it.
 
 The connection is read-only for SQL: the tables are Arrow views (INSERT/UPDATE/DELETE fail),
 and DuckDB's file access is switched off and the configuration locked *after* the data is
@@ -32,12 +32,12 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from . import aggregate as agg
-from . import layout, storage
-from .attack_sql import SUMMARY_SQL
-from .aggregate_sql import check_alpha
-from .sqlfuncs import register_udfs
-from .textfmt import FORMATS, format_rows
+from tasks.certify import aggregate as agg
+from tasks.common import layout, storage
+from tasks.attack.summary_sql import SUMMARY_SQL
+from tasks.certify.aggregate_sql import check_alpha
+from tasks.common.sqlfuncs import register_udfs
+from tasks.common.textfmt import FORMATS, format_rows
 
 __all__ = ["QueryError", "connect", "run_query"]
 
@@ -77,7 +77,7 @@ def connect(out: str, *, alpha: float | None = None) -> duckdb.DuckDBPyConnectio
 
     Views: ``votes`` (every vote shard, lazily scanned), ``certificates`` and ``accuracy``
     (docs/schema.md); for an attack OUT ``attacks`` (every attack shard) and
-    ``attack_summary`` (tasks/attack_sql.py); for an ADDT training OUT ``train_metrics`` (one row
+    ``attack_summary`` (tasks/attack/summary_sql.py); for an ADDT training OUT ``train_metrics`` (one row
     per step); ``errors`` (quarantined images of either job).
     With ``alpha`` the two tables are recomputed from the stored counts at that alpha, on
     the radius grid of the published accuracy table (or the default grid), after the same checks as the aggregate stage, except the expected-image count; nothing is
@@ -91,7 +91,7 @@ def connect(out: str, *, alpha: float | None = None) -> duckdb.DuckDBPyConnectio
 
     Args:
         out: the OUT root, a local path or ``s3://bucket/prefix`` (S3 settings from the
-            environment, see tasks/storage.py).
+            environment, see tasks/common/storage.py).
         alpha: re-certify at this one-sided error level in (0, 1); None: the published tables.
 
     Returns:
@@ -100,7 +100,7 @@ def connect(out: str, *, alpha: float | None = None) -> duckdb.DuckDBPyConnectio
     Raises:
         QueryError: there is nothing to query (no votes and no tables), or ``alpha`` was given
             but there are no votes.
-        tasks.aggregate.AggregateError: with ``alpha``, the votes fail the aggregate checks.
+        tasks.certify.aggregate.AggregateError: with ``alpha``, the votes fail the aggregate checks.
     """
     if alpha is not None:
         alpha = check_alpha(alpha)

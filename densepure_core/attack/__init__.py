@@ -4,7 +4,7 @@ One module per job: ``threat`` (the L_inf / L_2 balls and PGD's moves), ``defens
 or purifier + classifier with K votes; exact, checkpointed, BPDA or no gradients; keyed noise),
 ``pgd`` (PGD-EOT, deterministic white-box and BPDA in one loop), ``scoring`` (mean, majority
 and worst case over M purifications). Pure library code: the pipeline (``densepure attack``)
-lives in ``tasks/attack.py`` and ``flows/attack.py``.
+lives in ``tasks/attack/worker.py`` and ``flows/attack.py``.
 """
 
 from .defense import GRADIENTS, Defense, attack_seed, majority_labels, purification_noise

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from densepure_core.reverse import ReverseProcess
+from densepure_core.diffusion.reverse import ReverseProcess
 from densepure_core.rng import RowNoise, derive_seed
 from densepure_core.smoothing.scheduler import UNSEEN, majority_decided
 

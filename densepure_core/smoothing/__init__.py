@@ -18,7 +18,7 @@ Example:
     >>> for res in sbc.certify_many(prefetch((i, load(i)) for i in ids), n0=100, n=1000):
     ...     print(res.image_id, res.counts0, res.counts, res.stats.votes_skipped)
 
-Tests: ``tests/densepure_core/test_smoothing.py`` and ``test_scheduler.py``; speed:
+Tests: ``tests/densepure_core/smoothing/test_smoothing.py`` and ``test_scheduler.py``; speed:
 ``benchmarks/engine.py`` (CPU) and ``benchmarks/gpu_models.py`` (GPU).
 """
 

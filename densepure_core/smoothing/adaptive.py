@@ -1,6 +1,6 @@
 """Adaptive sampling in the engine: which copies an image needs next, from its labels so far.
 
-The rule and the bounds are :mod:`densepure_core.sequential`'s (``evaluate_look``); this module only maps an engine job's labels
+The rule and the bounds are :mod:`densepure_core.certification.sequential`'s (``evaluate_look``); this module only maps an engine job's labels
 (copies 0..n0-1: selection; n0..: estimation, in copy order) onto them. An image starts with
 its n0 selection copies and the estimation copies up to the first look; when every copy up to
 a look is decided, :meth:`AdaptivePlan.next_copies` consults the rule and either stops the image
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from densepure_core import sequential
+from densepure_core.certification import sequential
 
 __all__ = ["AdaptivePlan", "AdaptiveState"]
 

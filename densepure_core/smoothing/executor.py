@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from densepure_core.purify import Purifier, UNetDenoiser
+from densepure_core.diffusion.purify import Purifier, UNetDenoiser
 from densepure_core.rng import (REVERSE, SMOOTH, CounterNoise, RowNoise, StagedNoise, _keys_tensor, derive_seed,
                                 gaussian_rows, make_noise)
 
@@ -140,7 +140,7 @@ class DeviceExecutor:
 
     # -- models ---------------------------------------------------------------------------
     def _prepare(self, purifier, classifier):
-        from densepure_core.accel import prepare_module
+        from densepure_core.models.accel import prepare_module
 
         opts = self.options
         kw: dict[str, Any] = dict(channels_last=opts.channels_last, compile=opts.compile, device=self.device)

@@ -17,7 +17,7 @@ has count[y] + (K - m) < count[L], or equality with L first seen before y. The r
 are skipped (``VoteStats.votes_skipped``); the label is the one all K votes would give.
 
 Everything here is numpy bookkeeping, testable with a stub backend
-(``tests/densepure_core/test_scheduler.py``).
+(``tests/densepure_core/smoothing/test_scheduler.py``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from model_factory import attack_job
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.layout import ATTACKS_SCHEMA
+from tasks.common.layout import ATTACKS_SCHEMA
 
 DENSEPURE = str(Path(sys.executable).parent / "densepure")
 # wall-clock facts and the run's id; every other column is a result

@@ -94,7 +94,7 @@ def test_services_started_by_a_run_listen_on_loopback(certified):
 
 
 def test_train_toy_quick_writes_verifiable_models(tmp_path):
-    from densepure_core.toy import verify_assets
+    from densepure_core.models.toy import verify_assets
 
     result = invoke("train-toy", "--quick", "--out", tmp_path / "toy")
     assert result.exit_code == 0, result.output
@@ -115,4 +115,4 @@ def test_config_show_reads_the_packaged_presets(tmp_path, monkeypatch):
     assert legacy.output == by_name.output
     missing = runner.invoke(app, ["config", "show", "--config", "no_such_preset"])
     assert missing.exit_code == 2 and "does not exist" in missing.output
-    assert str(PACKAGED_CONFIGS).endswith("densepure_core/configs")
+    assert str(PACKAGED_CONFIGS).endswith("densepure_core/config/presets")

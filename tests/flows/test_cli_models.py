@@ -16,8 +16,8 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from densepure_core import presets
-from densepure_core.adm import ADM_PRESETS
+from densepure_core.models import presets
+from densepure_core.models.adm import ADM_PRESETS
 from densepure_core.models import load_diffusion
 from flows.cli_models import register
 

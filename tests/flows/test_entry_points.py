@@ -1,5 +1,5 @@
 """Importing a module sets no environment variable; the entry points set the defaults, before
-torch or Prefect read them (flows/environment.py, flows/cli.py, tasks/faults.py)."""
+torch or Prefect read them (flows/environment.py, flows/cli.py, tasks/common/faults.py)."""
 
 import json
 import os
@@ -23,7 +23,7 @@ def python(code: str, **env_changes) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("module", ["flows.cli", "flows.certify", "flows.attack", "flows.report", "flows.environment",
-                                    "tasks.faults", "tasks.vote", "densepure_core.config"])
+                                    "tasks.common.faults", "tasks.certify.vote", "densepure_core.config"])
 def test_importing_changes_no_environment_variable(module):
     run = python(f"import os; before = dict(os.environ); import {module}; "
                  f"print(sorted(set(os.environ.items()) ^ set(before.items())))",
@@ -80,7 +80,7 @@ def test_apply_environment_defaults_returns_what_it_set(monkeypatch):
 
 
 def test_the_fault_driver_record_is_explicit(monkeypatch):
-    from tasks import faults
+    from tasks.common import faults
 
     monkeypatch.delenv("DENSEPURE_FAULT_PGID", raising=False)
     monkeypatch.delenv("DENSEPURE_FAULT", raising=False)
@@ -105,8 +105,8 @@ def test_every_prefect_deployment_names_a_flow_and_a_config_it_can_load():
     import yaml
     from prefect import Flow
 
-    from densepure_core.addt_config import AddtConfig
-    from densepure_core.attack_config import AttackConfig
+    from densepure_core.config.addt import AddtConfig
+    from densepure_core.config.attack import AttackConfig
     from densepure_core.config import load_config
 
     deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]

@@ -15,7 +15,7 @@ def test_an_unexpected_failure_leaves_its_traceback_in_a_log_under_out_named_in_
     """A known refusal is one line; an unexpected error is its type and message, with the whole
     traceback written to OUT/logs/ (issue 15 item 7: "the details belong in a log file under OUT")."""
     import flows.train_addt as flow_module
-    from tasks.train_addt import plan_training
+    from tasks.train_addt.train import plan_training
 
     def plan_then_break(cfg, out):
         plan_training(cfg, out)  # OUT holds a run from here on

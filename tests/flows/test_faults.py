@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 from densepure_core.config import load_config
 from flows.cli import app
-from tasks.plan import plan_run
-from tasks.vote import run_vote_stage, shard_is_complete
+from tasks.certify.plan import plan_run
+from tasks.certify.vote import run_vote_stage, shard_is_complete
 
 DENSEPURE = str(Path(sys.executable).parent / "densepure")
 CERT_COLUMNS = ["image_id", "sigma", "method", "label", "prediction", "n_a", "n", "p_a_lower", "radius", "correct"]

@@ -38,7 +38,7 @@ def wheel(tmp_path_factory):
 def test_the_wheel_ships_every_preset(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for preset in PRESETS:
-        assert f"densepure_core/configs/{preset}.yaml" in names
+        assert f"densepure_core/config/presets/{preset}.yaml" in names
     assert not any(n.startswith("configs/") for n in names)
 
 

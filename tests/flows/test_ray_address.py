@@ -11,7 +11,7 @@ from model_factory import addt_job, attack_job, tiny_job
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.raypool import RayAddressError, check_ray_address
+from tasks.common.raypool import RayAddressError, check_ray_address
 
 runner = CliRunner()
 
@@ -80,7 +80,7 @@ def test_joining_a_loopback_cluster_keeps_the_driver_on_loopback(tmp_path):
         assert run.returncode == 0, run.stderr[-3000:] + log_tail(log)
         assert "| 0.5 | rs | 6 |" in run.stdout
         jobs = subprocess.run([sys.executable, "-c", (
-            "import json, ray; from tasks.raypool import join_ray; join_ray(%r); "
+            "import json, ray; from tasks.common.raypool import join_ray; join_ray(%r); "
             "print(json.dumps([j['DriverIPAddress'] for j in ray._private.state.jobs()]))") % address],
             env=env, capture_output=True, text=True, timeout=300)
         drivers = json.loads(jobs.stdout.strip().splitlines()[-1])

@@ -10,9 +10,9 @@ from cli_checks import one_error_line, snapshot
 from model_factory import addt_job
 from typer.testing import CliRunner
 
-from densepure_core.addt_config import AddtConfig
+from densepure_core.config.addt import AddtConfig
 from flows.cli import app
-from tasks.train_addt import plan_training
+from tasks.train_addt.train import plan_training
 
 runner = CliRunner()
 

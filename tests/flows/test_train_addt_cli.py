@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from densepure_core.models import load_diffusion
 from flows.cli import app
-from tasks.train_addt import STATE_FILE
+from tasks.train_addt.train import STATE_FILE
 
 DENSEPURE = str(Path(sys.executable).parent / "densepure")
 

@@ -2,7 +2,7 @@
 second ``ray start --address``) on this machine: shards run on both nodes, and the certificates
 equal those of a single-node run.
 
-Why a network namespace: a single local Ray stays on loopback (tasks/raypool.py), but Ray
+Why a network namespace: a single local Ray stays on loopback (tasks/common/raypool.py), but Ray
 refuses multi-node clusters in that mode, and otherwise rewrites 127.0.0.1 to the machine's own
 non-loopback address and dials it. Nothing here may dial anything but loopback, so the whole
 test (both nodes, the drivers, Prefect's temporary server) runs inside ``unshare -n -p``: a

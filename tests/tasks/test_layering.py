@@ -13,25 +13,27 @@ TASKS = Path(__file__).resolve().parents[2] / "tasks"
 
 
 def _imports(path: Path) -> set[str]:
-    """The tasks modules ``path`` imports anywhere (top level or inside functions)."""
+    """The tasks modules ``path`` imports anywhere (top level or inside functions), as dotted
+    names below ``tasks`` (``certify.vote``); ``from tasks.x import y`` counts as ``x.y`` too,
+    since ``y`` may be a module."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names
-                      if a.name.startswith("tasks.") and a.name.count(".") >= 1}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level == 1 or (node.level == 0 and node.module and
-                                    node.module.split(".")[0] == "tasks"):
-                module = node.module if node.level == 1 else node.module.partition(".")[2]
-                if module:  # from .x import y / from tasks.x import y
-                    found.add(module.split(".")[0])
-                else:  # from . import x, y / from tasks import x
-                    found |= {a.name for a in node.names}
+            found |= {a.name.partition(".")[2] for a in node.names if a.name.startswith("tasks.")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "tasks" or node.module.startswith("tasks."):
+                module = node.module.partition(".")[2]
+                if module:
+                    found.add(module)
+                found |= {f"{module}.{a.name}" if module else a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}: relative import; the tasks layer imports absolutely")
     return found
 
 
 def _graph() -> dict[str, set[str]]:
-    modules = {p.stem: p for p in TASKS.glob("*.py") if p.stem != "__init__"}
+    modules = {".".join(p.relative_to(TASKS).with_suffix("").parts): p for p in TASKS.rglob("*.py")
+               if p.stem != "__init__"}
     return {name: _imports(path) & set(modules) - {name} for name, path in modules.items()}
 
 
@@ -47,35 +49,38 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_import_parser_sees_every_form(tmp_path):
     src = tmp_path / "m.py"
-    src.write_text("from . import storage, faults\nfrom .layout import X\nimport tasks.plan\n"
-                   "def f():\n    from tasks.query import connect\n    from tasks import report\n")
-    assert _imports(src) == {"storage", "faults", "layout", "plan", "query", "report"}
+    src.write_text("from tasks.common import storage, faults\nfrom tasks.common.layout import X\n"
+                   "import tasks.certify.plan\ndef f():\n    from tasks.query import connect\n"
+                   "    from tasks.certify import report\n")
+    assert {"common.storage", "common.faults", "common.layout", "certify.plan", "query",
+            "certify.report"} <= _imports(src)
 
 
 def test_tasks_imports_have_no_cycle():
     graph = _graph()
-    assert {"layout", "sqlfuncs", "query", "textfmt", "aggregate", "aggregate_sql",
-            "aggregate_checks", "vote", "report"} <= set(graph)
+    assert {"common.layout", "common.sqlfuncs", "query", "common.textfmt", "certify.aggregate",
+            "certify.aggregate_sql", "certify.aggregate_checks", "certify.vote", "certify.report"} <= set(graph)
     cycles = sorted(name for name in graph if name in _reachable(graph, name))
     assert not cycles, f"import cycles through {cycles}: {graph}"
 
 
 def test_leaves_import_nothing_above_them():
     graph = _graph()
-    assert graph["textfmt"] == set() and graph["sqlfuncs"] == set()
-    assert graph["aggregate_sql"] == set() and graph["attack_sql"] == set()
-    assert graph["layout"] <= {"storage", "faults"}
+    assert graph["common.textfmt"] == set() and graph["common.sqlfuncs"] == set()
+    assert graph["certify.aggregate_sql"] == set() and graph["attack.summary_sql"] == set()
+    assert graph["common.layout"] <= {"common.storage", "common.faults"}
 
 
 def test_vote_stage_does_not_import_the_aggregate_stage():
     graph = _graph()
-    assert not {"aggregate", "aggregate_sql", "aggregate_checks"} & _reachable(graph, "vote")
-    assert "query" not in _reachable(graph, "vote")
+    assert not {"certify.aggregate", "certify.aggregate_sql", "certify.aggregate_checks"} & _reachable(
+        graph, "certify.vote")
+    assert "query" not in _reachable(graph, "certify.vote")
 
 
 def test_attack_stage_does_not_import_the_summary_or_aggregate_stages():
     graph = _graph()
-    assert not {"aggregate", "query", "attack_summary", "report"} & _reachable(graph, "attack")
+    assert not {"certify.aggregate", "query", "attack.summary", "certify.report"} & _reachable(graph, "attack.worker")
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
@@ -99,7 +104,7 @@ def test_every_densepure_command_named_in_messages_exists():
     commands = _commands(typer.main.get_command(app))
     groups = {c[0] for c in commands if any(len(d) > 1 and d[0] == c[0] for d in commands)}
     mentioned = []
-    for path in sorted(TASKS.glob("*.py")):
+    for path in sorted(TASKS.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 for m in _COMMAND.finditer(node.value):

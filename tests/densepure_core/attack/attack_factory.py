@@ -4,9 +4,9 @@ import torch
 
 from densepure_core.attack import Defense
 from densepure_core.models import Classifier
-from densepure_core.respace import respaced_timesteps
-from densepure_core.reverse import ReverseProcess, unet_denoiser
-from densepure_core.schedule import DiffusionSchedule
+from densepure_core.diffusion.respace import respaced_timesteps
+from densepure_core.diffusion.reverse import ReverseProcess, unet_denoiser
+from densepure_core.diffusion.schedule import DiffusionSchedule
 
 
 def tiny_models(channels: int = 3, size: int = 8, classes: int = 3):

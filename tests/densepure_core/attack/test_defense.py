@@ -9,7 +9,7 @@ from attack_factory import tiny_defense, tiny_images
 
 from densepure_core.attack import (AttackSpec, Defense, ThreatModel, attack_seed, majority_labels, predict,
                                    purification_noise, run_attack)
-from densepure_core.reverse import one_shot
+from densepure_core.diffusion.reverse import one_shot
 from densepure_core.rng import REVERSE, derive_seed
 
 

@@ -23,7 +23,7 @@ from densepure_core.data.sources import enumerate_records, load_image, select_re
 @pytest.fixture(scope="module")
 def digits():
     from densepure_core.models import load_classifier, load_diffusion
-    from densepure_core.schedule import DiffusionSchedule
+    from densepure_core.diffusion.schedule import DiffusionSchedule
 
     ds = DatasetConfig(kind="digits", split="test", every=6, max_images=60)
     recs = select_records(enumerate_records(ds)[0], ds)
@@ -55,8 +55,8 @@ def test_pgd_breaks_the_undefended_digits_classifier(digits):
 
 
 def test_exact_gradients_are_at_least_as_strong_as_bpda_on_purified_digits(digits):
-    from densepure_core.respace import respaced_timesteps
-    from densepure_core.reverse import ReverseProcess, unet_denoiser
+    from densepure_core.diffusion.respace import respaced_timesteps
+    from densepure_core.diffusion.reverse import ReverseProcess, unet_denoiser
 
     x, y, ids, clf, unet, schedule = digits
     x, y, ids = x[:30], y[:30], ids[:30]

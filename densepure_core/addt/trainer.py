@@ -1,0 +1,205 @@
+"""One ADDT training step, its keyed randomness, and its state (pure torch; no Ray, no Prefect).
+
+:class:`AddtTrainer` fine-tunes an epsilon-prediction ``UNet2DModel`` with the math of
+:mod:`densepure_core.addt.formulas`: per example a uniform timestep t, CGPO's delta (or the L_inf
+variant's), the loss against the mixed noise, AdamW with gradient clipping, and an EMA
+(diffusers' ``EMAModel`` with warm-up: at optimisation step s (0-based) the decay is
+``addt.ema_decay(s)``, capped at ``ema_max_decay``). The Ray Train loop (tasks/train_addt/train.py)
+gives each worker its slice of the global batch and the DDP-wrapped model.
+
+Randomness is explicit and keyed, so a run is a function of its config: at step s the global
+batch is examples s*B .. s*B + B - 1 of an epoch-wise permutation of the training set
+(:func:`batch_positions`; one permutation per epoch, keyed by (seed, epoch)), and example i of
+step s draws its timestep, eps, delta0, eps' and RBGM samples from streams keyed by
+(seed, step, i, purpose) (:func:`step_draws`). The same example gets the same draws whichever
+worker holds it, and a run resumed from a checkpoint continues the same trajectory. Dropout
+(if the model has any) draws from torch's generator, re-seeded per (seed, step, rank).
+
+CGPO runs on the bare module (``trainer.unet``): it differentiates w.r.t. delta only, and a
+forward through the DDP wrapper without a parameter backward would leave DDP's reducer waiting.
+The training loss runs through the wrapper (``forward_model``), so its gradients are averaged
+over the workers (the reference code's EDM variant bypasses DDP there: each rank then trains
+alone; not copied).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from densepure_core.addt import formulas as addt
+from densepure_core.rng import derive_seed, gaussian_rows, row_generator
+
+__all__ = ["STATE_FORMAT", "batch_positions", "StepDraws", "step_draws", "AddtTrainer"]
+
+STATE_FORMAT = "densepure-addt-state/1"
+_ID = "addt"  # the image_id slot of rng.derive_seed: ADDT's streams are keyed by step and example
+
+
+def _seed(seed: int, step: int, index: int, purpose: str) -> int:
+    return derive_seed(seed, _ID, step, index, f"addt:{purpose}")
+
+
+def batch_positions(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
+    """Dataset positions ``[batch_size]`` of the global batch of ``step``.
+
+    Global example g = step * batch_size + i is position g mod n of epoch g // n's permutation
+    of range(n) (keyed by (seed, epoch)): every image once per epoch, epochs independent.
+    """
+    g = step * batch_size + np.arange(batch_size, dtype=np.int64)
+    epochs, offsets = np.divmod(g, n)
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        perm = row_generator(_seed(seed, int(epoch), -1, "order")).permutation(n)
+        mask = epochs == epoch
+        out[mask] = perm[offsets[mask]]
+    return out
+
+
+@dataclass
+class StepDraws:
+    """The draws of a slice of one step's batch (rows in example order).
+
+    t: ``[b]`` long timesteps in [0, T); eps, delta0, eps_prime: ``[b, C, H, W]`` N(0, I) (the
+    mixing noise of CGPO, its initial delta, the loss's fresh noise); rbgm: one numpy generator
+    per example for RBGM's sorted samples.
+    """
+
+    t: torch.Tensor
+    eps: torch.Tensor
+    delta0: torch.Tensor
+    eps_prime: torch.Tensor
+    rbgm: list[np.random.Generator]
+
+
+def step_draws(seed: int, step: int, examples: range, shape: tuple[int, ...], num_timesteps: int,
+               device: torch.device | str = "cpu") -> StepDraws:
+    """The draws of examples ``examples`` (global indices within the batch) of ``step``."""
+    t = [int(row_generator(_seed(seed, step, i, "t")).integers(num_timesteps)) for i in examples]
+
+    def normals(purpose: str) -> torch.Tensor:
+        return gaussian_rows([_seed(seed, step, i, purpose) for i in examples], shape, device)
+
+    return StepDraws(t=torch.tensor(t, dtype=torch.long, device=device), eps=normals("eps"),
+                     delta0=normals("delta0"), eps_prime=normals("eps_prime"),
+                     rbgm=[row_generator(_seed(seed, step, i, "rbgm")) for i in examples])
+
+
+class AddtTrainer:
+    """The model, optimiser, EMA and step counter of one ADDT run (on one worker).
+
+    Args:
+        cfg: the run's ``AddtConfig``.
+        unet: the ``UNet2DModel`` being fine-tuned (put in train mode, parameters trainable).
+        alphas_cumprod: ``[T]`` abar_t of the model's schedule.
+        classifier: the frozen classifier on [0, 1] images (``[B, C, H, W] -> [B, classes]``).
+        forward_model: the module the training loss calls (the DDP wrapper of ``unet`` under
+            Ray Train); default ``unet``.
+        rank: this worker's rank (keys its dropout stream).
+    """
+
+    def __init__(self, cfg, unet, alphas_cumprod: torch.Tensor, classifier, *, forward_model=None, rank: int = 0):
+        from diffusers.training_utils import EMAModel
+
+        self.cfg = cfg
+        self.unet = unet.train().requires_grad_(True)
+        self.forward_model = forward_model if forward_model is not None else self.unet
+        self.device = next(unet.parameters()).device
+        self.abar = alphas_cumprod.to(self.device, torch.float32)
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.rank = rank
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           weight_decay=cfg.weight_decay)
+        # use_ema_warmup with inv_gamma 1 and power 3/4 is ADDT's min(max, 1 - (1 + s)^-0.75)
+        self.ema = EMAModel(self.unet.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
+                            power=0.75)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.step = 0
+
+    # -- the schedule -------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up over ``lr_warmup_steps``, then constant (the paper: constant)."""
+        warm = self.cfg.lr_warmup_steps
+        return self.cfg.lr * min(1.0, (step + 1) / warm) if warm else self.cfg.lr
+
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _eps(self, module):
+        def eps(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                out = module(x_t, t).sample
+            return out[:, : x_t.shape[1]].float()  # learned-variance models: the epsilon half
+        return eps
+
+    # -- one step -----------------------------------------------------------------------------
+    def train_step(self, x01: torch.Tensor, labels: torch.Tensor, draws: StepDraws) -> dict[str, Any]:
+        """One optimisation step on this worker's slice: ``x01`` ``[b, C, H, W]`` in [0, 1], labels ``[b]``.
+
+        Returns the step's metrics (this worker's loss; the caller averages across workers).
+        """
+        start = time.perf_counter()
+        cfg, step = self.cfg, self.step
+        torch.manual_seed(derive_seed(cfg.seed, _ID, step, self.rank, "addt:dropout"))
+        x0 = x01.to(self.device, torch.float32) * 2 - 1
+        y = labels.to(self.device)
+        t = draws.t.to(self.device)
+        abar = self.abar[t]
+        eps, delta0, eps_prime = (d.to(self.device) for d in (draws.eps, draws.delta0, draws.eps_prime))
+        bare = self._eps(self.unet)
+        if cfg.variant == "gaussian":
+            delta = addt.cgpo(bare, self.classifier, x0, y, t, abar, eps, delta0, draws.rbgm,
+                              iterations=cfg.cgpo_iterations)
+            loss = addt.addt_loss(self._eps(self.forward_model), x0, t, abar, delta, eps_prime)
+            mix = addt.addt_lambda(abar)
+        else:
+            delta = addt.linf_perturbation(bare, self.classifier, x0, y, t, abar, eps, radius=cfg.linf_radius,
+                                           step=cfg.linf_step, iterations=cfg.cgpo_iterations)
+            loss = addt.linf_loss(self._eps(self.forward_model), x0, t, abar, delta, eps_prime)
+            mix = addt.linf_ratio(abar)
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        params = list(self.unet.parameters())
+        max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.ema.step(params)
+        self.step += 1
+        return {"step": step + 1, "loss": float(loss.detach()), "grad_norm": grad_norm, "lr": lr,
+                "ema_decay": float(self.ema.cur_decay_value), "mix_mean": float(mix.mean()),
+                "seconds": time.perf_counter() - start}
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs: raw weights, optimiser, EMA, scaler, step."""
+        return {"format": STATE_FORMAT, "step": self.step, "model": self.unet.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"training state format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        self.unet.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+
+    def ema_unet(self):
+        """A copy of the UNet holding the EMA weights (eval mode), for export."""
+        import copy
+
+        model = copy.deepcopy(self.unet).eval()
+        self.ema.copy_to(model.parameters())
+        return model.requires_grad_(False)

@@ -1,0 +1,9 @@
+"""Diffusion arithmetic: the schedule, sigma -> t*, DensePure's re-spacing, the one reverse step
+and the purifiers built on it.
+
+``noise_level`` (t* from any alphas_cumprod), ``schedule`` (``DiffusionSchedule``), ``respace``
+(re-spaced timesteps and coefficients), ``reverse`` (``ReverseProcess.step``: the only place a
+step's arithmetic is written), ``purify`` (none, one-shot DDS, DensePure S-step, full chain).
+
+Imports only torch, numpy and :mod:`densepure_core.rng`: no model loading, no config.
+"""

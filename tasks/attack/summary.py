@@ -1,0 +1,110 @@
+"""Stage 3 of ``densepure attack``: the robust-accuracy table and the report.
+
+``attack_summary`` (one row per defense, threat model, attack and scoring rule:
+:data:`tasks.common.layout.ATTACK_SUMMARY_SCHEMA`) is one SQL query over the ``attacks`` rows
+(:data:`tasks.attack.summary_sql.SUMMARY_SQL`): the same query backs the ``attack_summary`` view of ``densepure sql``
+and the published ``OUT/tables/attack_summary.parquet``, so the two never disagree.
+
+Accuracies are means over images; the intervals are Wilson score intervals at 95 % over the
+images (``wilson_low``/``wilson_high``, :func:`densepure_core.certification.stats.wilson_interval`). For the
+``mean`` rule an image contributes its fraction of correct purifications (a number in [0, 1]),
+and the interval is Wilson's with that fractional count: it describes the uncertainty from the
+choice of images, not from the M purifications of each.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pyarrow as pa
+
+from tasks.common import storage
+from tasks.attack.summary_sql import CONFIDENCE, SUMMARY_SQL
+from tasks.common.layout import ATTACK_SUMMARY_SCHEMA, attack_files, report_uri, tables_uri
+from tasks.common.textfmt import markdown_table
+
+__all__ = ["SUMMARY_SQL", "CONFIDENCE", "summary_table", "write_attack_report", "is_attack_out"]
+
+def is_attack_out(out: str) -> bool:
+    """Whether OUT holds an attack evaluation (its config.yaml says ``job: attack``)."""
+    import yaml
+
+    uri = storage.join(out, "config.yaml")
+    if not storage.exists(uri):
+        return bool(attack_files(out))
+    data = yaml.safe_load(storage.read_text(uri)) or {}
+    return isinstance(data, dict) and data.get("job") == "attack"
+
+
+def summary_table(con: duckdb.DuckDBPyConnection) -> pa.Table:
+    """:data:`SUMMARY_SQL` on ``con`` (which has the ``attacks`` view), as ATTACK_SUMMARY_SCHEMA."""
+    return con.sql(SUMMARY_SQL).to_arrow_table().cast(ATTACK_SUMMARY_SCHEMA)
+
+
+def _pct(v, lo, hi) -> str:
+    return f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def write_attack_report(out: str, *, expected: dict | None = None) -> str:
+    """Publish ``tables/attack_summary.parquet`` and ``report.md`` of an attack OUT; return the report.
+
+    Args:
+        out: the OUT root.
+        expected: {(defense, threat, attack): planned images minus quarantined}, to flag partitions
+            with missing rows (None: not checked).
+    """
+    from tasks.query import connect
+
+    con = connect(out)
+    try:
+        table = summary_table(con)
+        quarantined = {}
+        if con.sql("SELECT count(*) FROM duckdb_views() WHERE view_name = 'errors'").fetchall()[0][0]:
+            quarantined = dict(con.sql("SELECT method, count(*) FROM errors GROUP BY ALL").fetchall())
+        settings = con.sql("""
+            SELECT defense, threat, attack, any_value(attack_kind), any_value(norm), any_value(eps),
+                   any_value(t_star), any_value(steps), any_value(k), any_value(iterations), any_value(eot),
+                   any_value(step_size), any_value(random_start), any_value(score_purifications)
+            FROM attacks GROUP BY ALL ORDER BY ALL""").fetchall()
+    finally:
+        con.close()
+    storage.write_parquet_atomic(tables_uri(out, "attack_summary.parquet"), table)
+    rows = table.to_pylist()
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_key.setdefault((r["defense"], r["threat"], r["attack"]), {})[r["rule"]] = r
+    lines = ["# Attack evaluation report", "",
+             f"Run `{rows[0]['run_id'] if rows else '-'}`. Robust accuracy (%) of the final adversarial example, "
+             f"with Wilson {100 * CONFIDENCE:.0f} % intervals over the images, under three scoring rules over the "
+             "M scoring purifications: mean (fraction of purifications correct), majority (majority label "
+             "correct), worst (every purification correct). Clean accuracy is scored the same way, on the same "
+             "purifications (mean rule shown). dwbox rows are scored under the attack's own fixed noise.", ""]
+    table_rows = []
+    for (d, t, a), rules in by_key.items():
+        mean, maj, worst = rules["mean"], rules["majority"], rules["worst"]
+        table_rows.append([d, t, a, str(mean["images"]),
+                           _pct(mean["clean_accuracy"], mean["clean_low"], mean["clean_high"]),
+                           _pct(mean["robust_accuracy"], mean["robust_low"], mean["robust_high"]),
+                           _pct(maj["robust_accuracy"], maj["robust_low"], maj["robust_high"]),
+                           _pct(worst["robust_accuracy"], worst["robust_low"], worst["robust_high"]),
+                           f"{mean['gradient_calls']:.0f}", f"{mean['unet_calls']:.0f}", f"{mean['seconds']:.2f}"])
+    lines.append(markdown_table(["defense", "threat", "attack", "images", "clean (mean)", "robust mean",
+                                 "robust majority", "robust worst", "grad calls/img", "UNet calls/img", "s/img"],
+                                table_rows, "lllrrrrrrrr"))
+    lines += ["", "## Settings", ""]
+    lines.append(markdown_table(
+        ["defense", "threat", "attack", "kind", "norm", "eps", "t*", "UNet calls/purification", "K", "iterations",
+         "purifications/gradient", "step", "random start", "M"],
+        [[str(v) if not isinstance(v, float) else f"{v:.4g}" for v in s] for s in settings], "llllllrrrrrrlr"))
+    missing = []
+    if expected:
+        have = {k: r["mean"]["images"] for k, r in by_key.items()}
+        missing = [(k, n, have.get(k, 0)) for k, n in expected.items() if have.get(k, 0) < n]
+    if missing:
+        lines += ["", "**Incomplete partitions** (rows missing; rerun the same command to finish them):", ""]
+        lines += [f"- {'/'.join(k)}: {got} of {n} images" for k, n, got in missing]
+    if quarantined:
+        lines += ["", "**Quarantined images** (see `densepure sql OUT \"SELECT * FROM errors\"`):", ""]
+        lines += [f"- {k}: {v}" for k, v in sorted(quarantined.items())]
+    text = "\n".join(lines) + "\n"
+    storage.write_text_atomic(report_uri(out), text)
+    return text

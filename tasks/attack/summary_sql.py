@@ -1,0 +1,37 @@
+"""The SQL of the attack summary: a leaf of the stage layer (no tasks imports).
+
+:data:`SUMMARY_SQL` backs both the ``attack_summary`` view of ``densepure sql``
+(tasks/query.py) and the published ``OUT/tables/attack_summary.parquet``
+(tasks/attack/summary.py). It needs the ``wilson_low``/``wilson_high`` UDFs of tasks/common/sqlfuncs.py.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CONFIDENCE", "SUMMARY_SQL"]
+
+CONFIDENCE = 0.95
+
+_RULE_COLUMNS = (("mean", "clean_mean", "adv_mean"), ("majority", "clean_majority", "adv_majority"),
+                 ("worst", "clean_worst", "adv_worst"))
+
+SUMMARY_SQL = f"""
+WITH per_rule AS (
+    {" UNION ALL ".join(
+        f"SELECT run_id, defense, threat, attack, '{rule}' AS rule, {i} AS rule_order, "
+        f"CAST({c} AS DOUBLE) AS clean, CAST({a} AS DOUBLE) AS robust, gradient_calls, unet_calls, seconds "
+        f"FROM attacks" for i, (rule, c, a) in enumerate(_RULE_COLUMNS))}
+)
+SELECT any_value(run_id) AS run_id, defense, threat, attack, rule, count(*) AS images,
+       avg(clean) AS clean_accuracy,
+       wilson_low(sum(clean), count(*), {CONFIDENCE}) AS clean_low,
+       wilson_high(sum(clean), count(*), {CONFIDENCE}) AS clean_high,
+       avg(robust) AS robust_accuracy,
+       wilson_low(sum(robust), count(*), {CONFIDENCE}) AS robust_low,
+       wilson_high(sum(robust), count(*), {CONFIDENCE}) AS robust_high,
+       {CONFIDENCE} AS confidence,
+       avg(gradient_calls) AS gradient_calls, avg(unet_calls) AS unet_calls, avg(seconds) AS seconds
+FROM per_rule
+GROUP BY defense, threat, attack, rule, rule_order
+ORDER BY defense, threat, attack, rule_order
+"""
+"""The ``attack_summary`` query over a view ``attacks`` (needs the UDFs of tasks.common.sqlfuncs)."""

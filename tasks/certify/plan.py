@@ -1,0 +1,449 @@
+"""Stage 1, plan: choose the images, split them into shards, record what the run is.
+
+Writes to OUT (atomically, local or S3):
+
+- ``config.yaml``: the resolved config (credentials never appear in it: sources are URIs);
+- ``manifest.parquet``: one row per chosen image: position, image_id, uri, label, shard;
+- ``run.json``: run_id, config_hash, number of classes (``classifier.num_classes``; null when
+  not set: the vote workers take it from the classifier's output width), the (sigma, method)
+  partitions, the shard list, library versions, host and creation time.
+
+The classifier's output width decides the length of the count vectors, never the labels: a
+dataset may hold any subset of the classes, or only unknown labels (-1). With
+``classifier.num_classes`` set, every label is checked against it here; without, the vote
+workers check each shard's labels against the width of the classifier they load.
+
+Resume: when OUT already holds a run, its ``config.yaml`` must have the same vote-determining
+fields (``CertifyConfig.vote_fields``): then the stored plan is reused as it is (same run_id,
+same shards) and only missing shards are voted. A different config is refused, never mixed in.
+Alpha and radii may change between runs: they only affect the aggregate. Whenever the tables
+are published, :func:`record_published_tables` writes their alpha and radii into ``config.yaml``
+and ``run.json`` (``tables``), so both always say which alpha the published tables use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import socket
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from densepure_core.config import CertifyConfig, resolve_source
+from densepure_core.data.sources import ImageRecord, enumerate_records, missing_files, select_records
+from densepure_core.rng import STREAM_VERSION
+
+from tasks.common import storage
+from tasks.common.faults import fault_point
+from tasks.common.layout import config_uri, error_files, errors_uri, format_sigma, manifest_uri, run_uri, shard_uri, votes_dir
+
+__all__ = ["Plan", "ShardTask", "PlanError", "plan_run", "load_plan", "plan_summary", "check_labels", "check_files_exist",
+           "shard_positions", "write_manifest", "record_published_tables"]
+
+
+log = logging.getLogger("densepure.plan")
+
+
+class PlanError(ValueError):
+    """OUT holds a different run, or the plan cannot be made; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One unit of vote work: the images of one shard for one (sigma, method) partition."""
+
+    out: str
+    run_id: str
+    config_hash: str
+    sigma: float
+    method: str
+    shard: int
+    records: tuple[ImageRecord, ...]
+
+    @property
+    def uri(self) -> str:
+        """The shard's vote file."""
+        return shard_uri(self.out, self.sigma, self.method, self.shard)
+
+    @property
+    def errors_uri(self) -> str:
+        """The shard's errors file (quarantined images)."""
+        return errors_uri(self.out, self.sigma, self.method, self.shard)
+
+
+@dataclass
+class Plan:
+    out: str
+    run_id: str
+    config_hash: str
+    num_classes: int | None  # classifier.num_classes; None: the classifier's output width
+    records: list[ImageRecord]
+    shards: list[list[int]]  # positions into records
+    partitions: list[tuple[float, str]]  # (sigma, method label)
+    resumed: bool = False
+
+    def tasks(self) -> list[ShardTask]:
+        """Every (sigma, method, shard) task, shard-major so early shards finish for all methods."""
+        out = []
+        for shard_id, positions in enumerate(self.shards):
+            recs = tuple(self.records[p] for p in positions)
+            for sigma, method in self.partitions:
+                out.append(ShardTask(self.out, self.run_id, self.config_hash, sigma, method, shard_id, recs))
+        return out
+
+    def expected_images(self) -> dict[tuple[float, str], int]:
+        return {p: len(self.records) for p in self.partitions}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("densepure", "torch", "diffusers", "timm", "numpy", "scipy", "prefect", "ray", "duckdb", "pyarrow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _local_dir(source: str) -> str | None:
+    path = resolve_source(source).removeprefix("local-dir:")
+    return path if os.path.exists(path) else None
+
+
+def check_steps(cfg: CertifyConfig) -> dict[str, int]:
+    """t* per sigma from the diffusion model's scheduler, and ``steps <= t*`` for every method.
+
+    Done at plan time, before any worker starts, for local (and bundled) models; remote models
+    are checked by the workers when they load them (purify.respaced_timesteps refuses too).
+    Returns {sigma: t*} (empty if the scheduler is not local).
+    """
+    if cfg.diffusion is None:
+        return {}
+    root = _local_dir(cfg.diffusion.source)
+    if root is None:
+        return {}
+    from diffusers import DDPMScheduler
+
+    from densepure_core.diffusion.schedule import DiffusionSchedule
+
+    sub = "scheduler" if os.path.isdir(os.path.join(root, "scheduler")) else None
+    try:
+        scheduler = DDPMScheduler.from_pretrained(root, subfolder=sub)
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"diffusion.source {cfg.diffusion.source!r}: no readable scheduler config in {root} "
+                        f"({exc}); expected scheduler/scheduler_config.json (diffusers save_pretrained)") from exc
+    schedule = DiffusionSchedule.from_scheduler(scheduler)
+    t_stars = {}
+    for sigma in cfg.sigmas:
+        try:
+            t_stars[format_sigma(sigma)] = t = schedule.t_star(sigma, cfg.t_star_rule)
+        except ValueError as exc:
+            raise PlanError(f"sigmas: {exc}") from exc
+        for i, m in enumerate(cfg.methods):
+            if m.kind == "densepure" and m.steps > t:
+                raise PlanError(f"methods.{i}.steps = {m.steps} exceeds t* = {t} (the diffusion timestep "
+                                f"matching sigma {sigma}); DensePure runs at most t* reverse steps: set steps <= {t}")
+    return t_stars
+
+
+def _local_json(source: str, *names: str) -> dict:
+    """The first of ``names`` (paths relative to a local model dir) that exists, parsed; {} if none."""
+    root = _local_dir(source)
+    for name in names:
+        path = os.path.join(root, name) if root and os.path.isdir(root) else None
+        if path and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return json.load(f)
+            except (OSError, ValueError):
+                return {}  # the model loader reports a broken file, naming it
+    return {}
+
+
+def image_fit_problem(channels: int, size: tuple[int, int] | None, model_channels: int,
+                      model_size: tuple[int, int] | None) -> str | None:
+    """Why images of ``channels`` x ``size`` (H, W; None: unknown) cannot go into a diffusion model
+    taking ``model_channels`` x ``model_size``, and the setting that fixes it; None if they fit.
+    One message for the plan and the workers (callers say which images)."""
+    if channels != model_channels:
+        setting = ("set dataset.channels: 1 (reads the image files as grayscale)" if model_channels == 1 else
+                   "set dataset.channels: 3 (reads the image files as RGB)" if model_channels == 3 else
+                   "use a diffusion model of 1 or 3 channels")
+        return (f"{channels} channel(s), but the diffusion model takes {model_channels}: {setting}; "
+                f"dataset.image_size cannot change the channels")
+    if size is not None and model_size is not None and tuple(size) != tuple(model_size):
+        return (f"{size[0]}x{size[1]} pixels, but the diffusion model takes {model_size[0]}x{model_size[1]}: set "
+                f"dataset.image_size: {model_size[0]} to resize and center-crop every image")
+    return None
+
+
+def check_model_inputs(cfg: CertifyConfig) -> None:
+    """Refuse at plan time, before Ray starts, what the local models show cannot work: images with
+    the wrong channels or size for the diffusion model, labels the classifier cannot output.
+
+    Only local (and bundled) models are read here, and only their small JSON configs; remote
+    ones are checked by the workers when they load them (same messages).
+    """
+    if cfg.diffusion is not None and any(m.kind != "rs" for m in cfg.methods):
+        unet = _local_json(cfg.diffusion.source, "unet/config.json", "config.json")
+        if "in_channels" in unet:
+            size = unet.get("sample_size")
+            size = tuple(size) if isinstance(size, (list, tuple)) else (size, size) if size else None
+            channels = 1 if cfg.dataset.kind == "digits" else (cfg.dataset.channels or 3)
+            image_size = cfg.dataset.image_size
+            problem = image_fit_problem(channels, (image_size, image_size) if image_size else None,
+                                        int(unet["in_channels"]), size)
+            if problem:
+                raise PlanError(f"the images of dataset {cfg.dataset.path or cfg.dataset.kind!r} are read with "
+                                f"{problem} (diffusion.source {cfg.diffusion.source}; checked before anything "
+                                f"runs)")
+
+
+def classifier_width(source: str) -> int | None:
+    """The output width a local classifier's config declares (timm / Hugging Face config.json), or None."""
+    config = _local_json(source, "config.json")
+    width = config.get("num_classes", config.get("num_labels"))
+    return int(width) if isinstance(width, int) and width > 0 else None
+
+
+def model_hashes(cfg: CertifyConfig) -> dict[str, dict[str, str]]:
+    """sha256 of every weights file of the local models, by source (remote: the source only)."""
+    sources = {m_cfg.source for m_cfg in [cfg.classifier, *(m.classifier for m in cfg.methods if m.classifier)]}
+    sources = {s.replace("{sigma}", format_sigma(sig)) if "{sigma}" in s else s for s in sources for sig in cfg.sigmas}
+    if cfg.diffusion is not None:
+        sources.add(cfg.diffusion.source)
+    return source_hashes(sources)
+
+
+def source_hashes(sources) -> dict[str, dict[str, str]]:
+    """{source: {weights file: sha256}} for local sources ({} for remote ones)."""
+    from densepure_core.models import file_sha256
+
+    out = {}
+    for source in sorted(sources):
+        root = _local_dir(source)
+        files = {}
+        if root and os.path.isdir(root):
+            for dirpath, _, names in os.walk(root):
+                for name in sorted(names):
+                    if name.endswith((".safetensors", ".bin", ".pth", ".pt", ".ckpt")):
+                        full = os.path.join(dirpath, name)
+                        files[os.path.relpath(full, root)] = file_sha256(full)
+        elif root:
+            files[os.path.basename(root)] = file_sha256(root)
+        out[source] = files
+    return out
+
+
+def load_plan(out: str) -> Plan | None:
+    """The plan stored in OUT, or None if OUT holds no complete plan."""
+    run_file, manifest_file = run_uri(out), manifest_uri(out)
+    if not (storage.exists(run_file) and storage.exists(manifest_file)):
+        return None
+    run = json.loads(storage.read_text(run_file))
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(manifest_file)))
+    cols = table.to_pydict()
+    records = [ImageRecord(i, u, int(lab)) for i, u, lab in zip(cols["image_id"], cols["uri"], cols["label"])]
+    return Plan(out=out, run_id=run["run_id"], config_hash=run["config_hash"], num_classes=run["num_classes"],
+                records=records, shards=run["shards"],
+                partitions=[(float(s), m) for s, m in run["partitions"]], resumed=True)
+
+
+def _nothing_voted(out: str) -> bool:
+    """Whether OUT holds no vote and no errors file: nothing a new plan could contradict."""
+    return not storage.list_files(votes_dir(out), ".parquet") and not error_files(out)
+
+
+def _check_same_job(out: str) -> None:
+    """Refuse an OUT that holds another job (an attack evaluation or a training)."""
+    stored = yaml.safe_load(storage.read_text(config_uri(out))) or {}
+    job = stored.get("job") if isinstance(stored, dict) else None
+    if job not in (None, "certify"):
+        what = "an attack evaluation" if job == "attack" else f"a {job} run"
+        raise PlanError(f"{out} holds {what} (densepure {job}); a certification run needs its own "
+                        f"OUT: choose another --out")
+
+
+def _check_same_run(cfg: CertifyConfig, out: str) -> None:
+    """Refuse to resume OUT unless it holds the votes ``cfg`` would compute.
+
+    Besides the config's votes fields, the noise streams must be the same version: an OUT
+    planned by a release before the stream version existed (run.json's config_hash is the
+    stored config's version-1 hash) drew its noise from 32-bit seeded generators, so its counts
+    cannot be completed with new ones. Its results stay readable; the run is not resumed.
+    """
+    _check_same_job(out)
+    stored_data = yaml.safe_load(storage.read_text(config_uri(out))) or {}
+    stored = CertifyConfig.model_validate(stored_data)
+    if storage.exists(run_uri(out)):  # absent: the plan was cut short before anything was voted
+        run = json.loads(storage.read_text(run_uri(out)))
+        recorded, version = run.get("config_hash"), run.get("stream_version")
+        if version is None and recorded is not None and recorded != stored.config_hash():
+            version = next((v for v in range(1, STREAM_VERSION)
+                            if stored.config_hash(stream_version=v) == recorded), None)
+            version = STREAM_VERSION if version is None else version  # unknown: refused below
+        if version is not None and version != STREAM_VERSION:
+            raise PlanError(f"{out} was voted with noise stream version {version} and this densepure draws "
+                            f"version {STREAM_VERSION} (field that differs: stream_version; version 1 seeded "
+                            f"torch generators with only 32 of the seed's 63 bits). Its counts cannot be "
+                            f"resumed or mixed with new ones: use a new --out (the old results stay readable "
+                            f"with densepure sql/report).")
+        if recorded is not None and recorded != stored.config_hash():
+            raise PlanError(f"{out}: run.json's config_hash {recorded} is not the hash of its config.yaml "
+                            f"({stored.config_hash()}): written by another densepure version or edited. "
+                            f"Results are never mixed: choose a new --out.")
+    if stored.config_hash() == cfg.config_hash():
+        return
+    diff = differing_fields(stored, cfg)
+    raise PlanError(f"{out} already holds a run with a different config (fields that differ: {', '.join(diff)}; "
+                    f"stored config_hash {stored.config_hash()}, this one {cfg.config_hash()}). "
+                    f"Results of different configs are never mixed: choose another --out, or rerun with the "
+                    f"stored config ({storage.join(out, 'config.yaml')}) to resume it.")
+
+
+def differing_fields(stored, cfg) -> list[str]:
+    """The ``votes`` fields (top level) on which two configs of one job differ, sorted: what a
+    refusal to resume an OUT with another config names."""
+    a, b = stored.vote_fields(), cfg.vote_fields()
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def shard_positions(images: int, shard_size: int) -> list[list[int]]:
+    """Positions 0..images-1 cut into consecutive shards of ``shard_size`` (the last may be shorter)."""
+    return [list(range(i, min(i + shard_size, images))) for i in range(0, images, shard_size)]
+
+
+def write_manifest(out: str, chosen, shard_size: int) -> None:
+    """Publish ``OUT/manifest.parquet``: position, image_id, uri, label, shard of every chosen image."""
+    manifest = pa.table({
+        "position": pa.array(range(len(chosen)), pa.int32()),
+        "image_id": [r.image_id for r in chosen],
+        "uri": [r.uri for r in chosen],
+        "label": pa.array([r.label for r in chosen], pa.int32()),
+        "shard": pa.array([p // shard_size for p in range(len(chosen))], pa.int32()),
+    })
+    storage.write_parquet_atomic(manifest_uri(out), manifest)
+
+
+def check_files_exist(records, on_bad_input: str) -> None:
+    """Refuse, before anything is written, images whose local file or S3 object does not exist
+    (under ``on_bad_input: fail``); under ``quarantine`` the workers record them in the errors table."""
+    missing = missing_files(list(records))
+    if missing and on_bad_input == "fail":
+        first = missing[0]
+        raise PlanError(f"{len(missing)} image file(s) of the dataset do not exist, e.g. {first.uri!r} (image_id "
+                        f"{first.image_id!r}); relative manifest URIs are resolved against the manifest's directory. "
+                        f"Fix the paths (or remove those rows), or set on_bad_input: quarantine to record them in "
+                        f"the errors table and certify the rest.")
+    if missing:
+        log.warning("%d image file(s) do not exist (e.g. %s); they will be quarantined", len(missing), missing[0].uri)
+
+
+def check_labels(records, num_classes: int, what: str, error=ValueError) -> None:
+    """Refuse labels that are neither -1 (unknown) nor a class index below ``num_classes``.
+
+    Args:
+        records: ImageRecords (image_id, uri, label).
+        num_classes: the classifier's output width.
+        what: where the width comes from, for the message (e.g. ``classifier.num_classes``).
+        error: the exception type to raise.
+    """
+    bad = [r for r in records if not -1 <= r.label < num_classes]
+    if bad:
+        first = bad[0]
+        raise error(
+            f"image {first.image_id!r} ({first.uri}) has label {first.label}, but the classifier has "
+            f"{num_classes} outputs ({what}): a label must be -1 (unknown) or one of the classifier's class "
+            f"indices 0..{num_classes - 1} ({len(bad)} image(s) out of range). Fix the labels (a manifest's "
+            f"label column, or dataset.classes_file to map the folders to the classifier's class order; -1 "
+            f"where unknown), or, if it is the wrong classifier, point classifier.source at the one trained "
+            f"on these classes.")
+
+
+def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
+    """Make (or reload) the plan of ``cfg`` in ``out`` (default ``cfg.out``)."""
+    out = out or cfg.out
+    if storage.exists(config_uri(out)):
+        if _nothing_voted(out):
+            # Only a plan: a failed run stopped before its first shard. The user's fix (a
+            # corrected config, manifest or dataset) is planned afresh instead of being refused
+            # as "a different config" or checked against the stale manifest.
+            _check_same_job(out)
+            log.warning("%s holds a plan but no votes yet: planning again from this config and dataset", out)
+        else:
+            _check_same_run(cfg, out)
+            existing = load_plan(out)
+            if existing is not None:
+                return existing
+        # config.yaml written but the plan was interrupted before run.json: plan again below.
+    t_stars = check_steps(cfg)
+    check_model_inputs(cfg)
+    # The dataset's own class count (max label + 1 for a manifest) decides nothing: a subset
+    # may lack classes and a manifest may have no labels at all. The classifier's width does.
+    records, _ = enumerate_records(cfg.dataset)
+    chosen = select_records(records, cfg.dataset)
+    check_files_exist(chosen, cfg.on_bad_input)
+    num_classes = cfg.classifier.num_classes
+    if num_classes:
+        check_labels(chosen, num_classes, f"classifier.num_classes: {num_classes}", PlanError)
+    else:  # the classifier's own width, when its local config says it: no Ray start to find out
+        for sigma in cfg.sigmas:
+            for m in cfg.methods:
+                source = cfg.classifier_for(m, sigma).source.replace("{sigma}", format_sigma(sigma))
+                width = classifier_width(source)
+                if width:
+                    check_labels(chosen, width, f"the output width of {source}", PlanError)
+    shards = shard_positions(len(chosen), cfg.shard_size)
+    partitions = [(float(s), m.label) for s in cfg.sigmas for m in cfg.methods]
+    run_id = f"{cfg.run_name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    plan = Plan(out, run_id, cfg.config_hash(), num_classes, chosen, shards, partitions)
+
+    # config.yaml first: a process killed after it and before run.json re-plans identically.
+    storage.write_text_atomic(config_uri(out), cfg.model_copy(update={"out": out}).to_yaml())
+    fault_point("plan:after-config")
+    write_manifest(out, chosen, cfg.shard_size)
+    run = {
+        "run_id": run_id, "config_hash": plan.config_hash, "stream_version": STREAM_VERSION,
+        "num_classes": num_classes, "images": len(chosen), "shards": shards, "partitions": [list(p) for p in partitions],
+        "t_star": t_stars, "model_hashes": model_hashes(cfg),
+        "host": socket.gethostname(), "created_at": datetime.now(timezone.utc).isoformat(),
+        "versions": _versions(),
+    }
+    # run.json last: its presence marks a complete plan.
+    storage.write_text_atomic(run_uri(out), json.dumps(run, indent=2))
+    return plan
+
+
+def plan_summary(plan: Plan) -> dict:
+    return {"run_id": plan.run_id, "images": len(plan.records), "shards": len(plan.shards),
+            "partitions": len(plan.partitions), "resumed": plan.resumed}
+
+
+def record_published_tables(out: str, alpha: float, radii: list[float]) -> None:
+    """Write the alpha and radii of the tables just published into ``config.yaml`` and ``run.json``.
+
+    A rerun with another alpha re-aggregates the same votes (alpha is no vote field, so the plan
+    resumes), and the tables then hold the new alpha; config.yaml kept the first run's, so it
+    contradicted them. Only these two operational fields change: the config hash, and with it
+    resuming, stays as it was. ``run.json`` gains ``tables: {alpha, radii, published_at}``.
+    Each file is rewritten atomically; OUTs without a plan (tables built by hand) are left alone.
+    """
+    if not (storage.exists(config_uri(out)) and storage.exists(run_uri(out))):
+        return
+    stored = CertifyConfig.model_validate(yaml.safe_load(storage.read_text(config_uri(out))))
+    if stored.alpha != alpha or stored.radii != list(radii):
+        storage.write_text_atomic(config_uri(out),
+                                  stored.model_copy(update={"alpha": alpha, "radii": list(radii)}).to_yaml())
+    run = json.loads(storage.read_text(run_uri(out)))
+    run["tables"] = {"alpha": alpha, "radii": list(radii),
+                     "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    storage.write_text_atomic(run_uri(out), json.dumps(run, indent=2))

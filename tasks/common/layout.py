@@ -1,0 +1,373 @@
+"""The layout of OUT and the Parquet schemas of its files: the data contract (docs/schema.md).
+
+Every stage takes paths and schemas from here and nowhere else, so the vote stage (which
+writes the votes and errors files) and the aggregate stage (which reads them) never depend on
+each other::
+
+    OUT/
+      config.yaml, manifest.parquet, run.json          the plan
+      votes/sigma=<s>/method=<m>/shard=<id>.parquet    VOTES_SCHEMA, one row per image
+      errors/sigma=<s>/method=<m>/shard=<id>.parquet   ERRORS_SCHEMA, quarantined images
+      tables/certificates.parquet                      CERTIFICATES_SCHEMA
+      tables/accuracy.parquet                          ACCURACY_SCHEMA
+      tables/summary.json
+      report.md, certified_accuracy.png
+      tsv/sigma=<s>_method=<m>.tsv
+
+    OUT/  (an attack evaluation, ``densepure attack``: config.yaml says ``job: attack``)
+      config.yaml, manifest.parquet, run.json                              the plan
+      attacks/defense=<d>/threat=<t>/attack=<a>/shard=<id>.parquet         ATTACKS_SCHEMA
+      attack_errors/defense=<d>/threat=<t>/attack=<a>/shard=<id>.parquet   ERRORS_SCHEMA
+      tables/attack_summary.parquet                                       ATTACK_SUMMARY_SCHEMA
+      report.md
+
+``<s>`` is :func:`format_sigma` (``repr(float(sigma))``), ``<m>`` the method's name verbatim,
+``<id>`` the shard number zero-padded to 5 digits.
+
+Imports only :mod:`tasks.common.storage`: a leaf of the stage layer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+from tasks.common import storage
+
+__all__ = [
+    "VOTES_SCHEMA", "CERTIFICATES_SCHEMA", "ACCURACY_SCHEMA", "ERRORS_SCHEMA", "LayoutError",
+    "format_sigma", "shard_uri", "errors_uri", "tables_dir", "tables_uri", "votes_dir", "errors_dir",
+    "parse_vote_path", "vote_files", "error_files", "tsv_name", "config_uri", "manifest_uri",
+    "run_uri", "report_uri", "plot_uri", "tsv_dir", "names",
+    "ATTACKS_SCHEMA", "ATTACK_SUMMARY_SCHEMA", "attacks_dir", "attack_errors_dir", "attack_shard_uri",
+    "attack_errors_uri", "attack_files", "attack_error_files",
+    "TRAIN_METRICS_SCHEMA", "train_dir", "checkpoint_name", "model_dir", "metrics_dir", "metrics_uri",
+    "metrics_files",
+]
+
+# ------------------------------------------------------------------------------------------
+# schemas (docs/schema.md describes every column)
+# ------------------------------------------------------------------------------------------
+
+VOTES_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("config_hash", pa.string(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("label", pa.int32(), nullable=False),  # -1: unknown
+    pa.field("sigma", pa.float64(), nullable=False),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("t_star", pa.int32(), nullable=False),
+    pa.field("k", pa.int32(), nullable=False),
+    pa.field("steps", pa.int32(), nullable=False),
+    pa.field("n0", pa.int32(), nullable=False),
+    pa.field("n", pa.int32(), nullable=False),
+    pa.field("counts0", pa.list_(pa.int32()), nullable=False),  # dense, one entry per class
+    pa.field("counts", pa.list_(pa.int32()), nullable=False),
+    pa.field("unet_calls", pa.int64(), nullable=False),
+    pa.field("classifier_calls", pa.int64(), nullable=False),
+    pa.field("seconds", pa.float64(), nullable=False),
+    pa.field("worker", pa.string(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    # sampling (docs/schema.md): fixed rows: n_used = n = n_max, bound "clopper-pearson", "{}";
+    # adaptive rows: n_used = n <= n_max, the anytime bound ("staged", "betabin") and its JSON
+    # parameters. Files written before these columns existed are read as fixed rows.
+    pa.field("sampling", pa.string(), nullable=False),
+    pa.field("n_used", pa.int32(), nullable=False),
+    pa.field("n_max", pa.int32(), nullable=False),
+    pa.field("bound", pa.string(), nullable=False),
+    pa.field("bound_params", pa.string(), nullable=False),
+])
+"""One row per image in ``OUT/votes/sigma=<s>/method=<m>/shard=<id>.parquet``."""
+
+CERTIFICATES_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("image_id", pa.string()),
+    ("sigma", pa.float64()),
+    ("method", pa.string()),
+    ("label", pa.int32()),
+    ("prediction", pa.int32()),  # ABSTAIN = -1
+    ("n_a", pa.int64()),
+    ("n", pa.int64()),
+    ("alpha", pa.float64()),
+    ("p_a_lower", pa.float64()),
+    ("radius", pa.float64()),
+    ("correct", pa.bool_()),  # NULL where the label is unknown (-1)
+    ("sampling", pa.string()),  # from the votes: "fixed" or "adaptive"
+    ("bound", pa.string()),  # the bound p_a_lower is: "clopper-pearson", "staged", "betabin"
+])
+"""``OUT/tables/certificates.parquet``: CERTIFY per image, sorted by (sigma, method, image_id)."""
+
+ACCURACY_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("sigma", pa.float64()),
+    ("method", pa.string()),
+    ("alpha", pa.float64()),  # the alpha of the certificates counted (one per table)
+    ("radius", pa.float64()),
+    ("certified_accuracy", pa.float64()),  # NULL when no image of the partition has a label
+    ("images", pa.int64()),  # the denominator: images with a known label
+])
+"""``OUT/tables/accuracy.parquet``: certified accuracy per (sigma, method) and radius."""
+
+ERRORS_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("config_hash", pa.string()), ("image_id", pa.string()),
+    ("uri", pa.string()), ("label", pa.int32()), ("sigma", pa.float64()), ("method", pa.string()),
+    ("shard", pa.int32()), ("error_type", pa.string()), ("error", pa.string()),
+    ("worker", pa.string()), ("created_at", pa.timestamp("us", tz="UTC")),
+])
+"""``OUT/errors/sigma=<s>/method=<m>/shard=<id>.parquet``: one row per quarantined image."""
+
+ATTACKS_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("config_hash", pa.string(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("label", pa.int32(), nullable=False),
+    pa.field("defense", pa.string(), nullable=False),
+    pa.field("threat", pa.string(), nullable=False),
+    pa.field("norm", pa.string(), nullable=False),  # "linf" or "l2"
+    pa.field("eps", pa.float64(), nullable=False),
+    pa.field("attack", pa.string(), nullable=False),
+    pa.field("attack_kind", pa.string(), nullable=False),  # "pgd_eot", "dwbox", "bpda"
+    pa.field("t_star", pa.int32(), nullable=False),  # -1: no purification
+    pa.field("steps", pa.int32(), nullable=False),  # denoiser calls per purification (0: none)
+    pa.field("k", pa.int32(), nullable=False),  # purifications per prediction (majority)
+    pa.field("iterations", pa.int32(), nullable=False),
+    pa.field("eot", pa.int32(), nullable=False),  # purifications per gradient (x K), as run
+    pa.field("step_size", pa.float64(), nullable=False),
+    pa.field("random_start", pa.bool_(), nullable=False),
+    pa.field("gradient_calls", pa.int64(), nullable=False),
+    pa.field("unet_calls", pa.int64(), nullable=False),  # attack and scoring, recomputation included
+    pa.field("seconds", pa.float64(), nullable=False),
+    pa.field("linf", pa.float64(), nullable=False),  # the final perturbation's norms
+    pa.field("l2", pa.float64(), nullable=False),
+    pa.field("score_purifications", pa.int32(), nullable=False),  # M as scored (1: deterministic)
+    pa.field("clean_predictions", pa.list_(pa.int32()), nullable=False),  # [M]
+    pa.field("adv_predictions", pa.list_(pa.int32()), nullable=False),  # [M]
+    pa.field("clean_mean", pa.float64(), nullable=False),
+    pa.field("clean_majority", pa.bool_(), nullable=False),
+    pa.field("clean_worst", pa.bool_(), nullable=False),
+    pa.field("adv_mean", pa.float64(), nullable=False),
+    pa.field("adv_majority", pa.bool_(), nullable=False),
+    pa.field("adv_worst", pa.bool_(), nullable=False),
+    pa.field("worker", pa.string(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+"""One row per image in ``OUT/attacks/defense=<d>/threat=<t>/attack=<a>/shard=<id>.parquet``."""
+
+ATTACK_SUMMARY_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("defense", pa.string()), ("threat", pa.string()), ("attack", pa.string()),
+    ("rule", pa.string()),  # "mean", "majority", "worst"
+    ("images", pa.int64()),
+    ("clean_accuracy", pa.float64()), ("clean_low", pa.float64()), ("clean_high", pa.float64()),
+    ("robust_accuracy", pa.float64()), ("robust_low", pa.float64()), ("robust_high", pa.float64()),
+    ("confidence", pa.float64()),  # of the Wilson intervals
+    ("gradient_calls", pa.float64()), ("unet_calls", pa.float64()), ("seconds", pa.float64()),  # per image
+])
+"""``OUT/tables/attack_summary.parquet`` and the ``attack_summary`` view: robust accuracy per
+(defense, threat, attack, scoring rule) with Wilson score intervals over the images."""
+
+TRAIN_METRICS_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("step", pa.int64(), nullable=False),  # optimisation steps done after this one (1-based)
+    pa.field("loss", pa.float64(), nullable=False),  # the ADDT loss, averaged over the workers
+    pa.field("grad_norm", pa.float64(), nullable=False),  # before clipping
+    pa.field("lr", pa.float64(), nullable=False),
+    pa.field("ema_decay", pa.float64(), nullable=False),
+    pa.field("mix_mean", pa.float64(), nullable=False),  # mean lambda_t (gaussian) or r_t (linf) of the batch
+    pa.field("seconds", pa.float64(), nullable=False),  # the step's wall time on rank 0
+    pa.field("workers", pa.int32(), nullable=False),
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+"""One row per optimisation step in ``OUT/metrics/steps=<first>-<last>.parquet`` (``train_metrics``
+view). A file covers the steps after one checkpoint up to the next, and is written just before
+that checkpoint: a resumed run rewrites the same file with the same rows."""
+
+# ------------------------------------------------------------------------------------------
+# paths
+# ------------------------------------------------------------------------------------------
+
+_LIST_SHOWN = 10  # how many offending items an error message names before "... and N more"
+
+# .../votes/sigma=<repr(float)>/method=<name>/shard=<digits>.parquet
+_VOTE_PATH = re.compile(r"/votes/sigma=([^/]+)/method=([^/]+)/shard=(\d+)\.parquet$")
+
+
+class LayoutError(ValueError):
+    """A file under OUT is outside the layout of the data contract; the message says which."""
+
+
+def format_sigma(sigma: float) -> str:
+    """The ``<s>`` of every path: ``repr(float(sigma))`` (``0.25``, ``1.0``)."""
+    return repr(float(sigma))
+
+
+def _partition(root: str, sigma: float, method: str, shard: int) -> str:
+    return storage.join(root, f"sigma={format_sigma(sigma)}", f"method={method}",
+                        f"shard={int(shard):05d}.parquet")
+
+
+def votes_dir(out: str) -> str:
+    """``OUT/votes``."""
+    return storage.join(out, "votes")
+
+
+def errors_dir(out: str) -> str:
+    """``OUT/errors``."""
+    return storage.join(out, "errors")
+
+
+def shard_uri(out: str, sigma: float, method: str, shard: int) -> str:
+    """``OUT/votes/sigma=<s>/method=<m>/shard=<id>.parquet``: one shard's votes."""
+    return _partition(votes_dir(out), sigma, method, shard)
+
+
+def errors_uri(out: str, sigma: float, method: str, shard: int) -> str:
+    """``OUT/errors/sigma=<s>/method=<m>/shard=<id>.parquet``: one shard's quarantined images."""
+    return _partition(errors_dir(out), sigma, method, shard)
+
+
+def attacks_dir(out: str) -> str:
+    """``OUT/attacks``."""
+    return storage.join(out, "attacks")
+
+
+def attack_errors_dir(out: str) -> str:
+    """``OUT/attack_errors``."""
+    return storage.join(out, "attack_errors")
+
+
+def _attack_partition(root: str, defense: str, threat: str, attack: str, shard: int) -> str:
+    return storage.join(root, f"defense={defense}", f"threat={threat}", f"attack={attack}",
+                        f"shard={int(shard):05d}.parquet")
+
+
+def attack_shard_uri(out: str, defense: str, threat: str, attack: str, shard: int) -> str:
+    """``OUT/attacks/defense=<d>/threat=<t>/attack=<a>/shard=<id>.parquet``: one shard's rows."""
+    return _attack_partition(attacks_dir(out), defense, threat, attack, shard)
+
+
+def attack_errors_uri(out: str, defense: str, threat: str, attack: str, shard: int) -> str:
+    """``OUT/attack_errors/defense=<d>/threat=<t>/attack=<a>/shard=<id>.parquet``: its quarantined images."""
+    return _attack_partition(attack_errors_dir(out), defense, threat, attack, shard)
+
+
+def attack_files(out: str) -> list[str]:
+    """Every attack shard under ``OUT/attacks``, sorted ([] when there are none)."""
+    return storage.list_files(attacks_dir(out), ".parquet")
+
+
+def attack_error_files(out: str) -> list[str]:
+    """Every errors file under ``OUT/attack_errors``, sorted."""
+    return storage.list_files(attack_errors_dir(out), ".parquet")
+
+
+def train_dir(out: str) -> str:
+    """``OUT/train``: Ray Train's run folder (checkpoints ``step-<N>/``, its snapshot)."""
+    return storage.join(out, "train")
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder of the checkpoint after ``step`` steps: ``step-000300``."""
+    return f"step-{step:06d}"
+
+
+def model_dir(out: str) -> str:
+    """``OUT/model``: the fine-tuned model (EMA weights), a diffusers DDPMPipeline folder."""
+    return storage.join(out, "model")
+
+
+def metrics_dir(out: str) -> str:
+    return storage.join(out, "metrics")
+
+
+def metrics_uri(out: str, first: int, last: int) -> str:
+    """``OUT/metrics/steps=<first>-<last>.parquet``: the metrics of steps first..last."""
+    return storage.join(metrics_dir(out), f"steps={first:06d}-{last:06d}.parquet")
+
+
+def metrics_files(out: str) -> list[str]:
+    """Every training-metrics file under ``OUT/metrics``, sorted."""
+    return storage.list_files(metrics_dir(out), ".parquet")
+
+
+def tables_dir(out: str) -> str:
+    """``OUT/tables``."""
+    return storage.join(out, "tables")
+
+
+def tables_uri(out: str, name: str) -> str:
+    """``OUT/tables/<name>`` (``certificates.parquet``, ``accuracy.parquet``, ``summary.json``)."""
+    return storage.join(tables_dir(out), name)
+
+
+def config_uri(out: str) -> str:
+    return storage.join(out, "config.yaml")
+
+
+def manifest_uri(out: str) -> str:
+    return storage.join(out, "manifest.parquet")
+
+
+def run_uri(out: str) -> str:
+    return storage.join(out, "run.json")
+
+
+def report_uri(out: str) -> str:
+    return storage.join(out, "report.md")
+
+
+def plot_uri(out: str) -> str:
+    return storage.join(out, "certified_accuracy.png")
+
+
+def tsv_dir(out: str) -> str:
+    return storage.join(out, "tsv")
+
+
+def tsv_name(sigma: float, method: str) -> str:
+    """The export file name of one partition: ``sigma=<s>_method=<m>.tsv``."""
+    return f"sigma={format_sigma(sigma)}_method={method}.tsv"
+
+
+def parse_vote_path(uri: str) -> tuple[str, str, int] | None:
+    """``(<s>, <m>, shard)`` of a vote file's path, or None when it is outside the layout."""
+    m = _VOTE_PATH.search(uri.replace("\\", "/"))
+    return (m.group(1), m.group(2), int(m.group(3))) if m else None
+
+
+def vote_files(out: str) -> list[str]:
+    """Every vote shard under ``OUT/votes`` in the layout of the data contract, sorted.
+
+    Args:
+        out: the OUT root, a local path or an ``s3://`` URI.
+
+    Returns:
+        File URIs (``s3://...`` for S3, absolute paths locally); [] when there are none.
+
+    Raises:
+        LayoutError: a ``.parquet`` file under ``OUT/votes`` is outside the layout, so it
+            would be silently ignored (or silently read) otherwise.
+    """
+    files = storage.list_files(votes_dir(out), ".parquet")
+    stray = [f for f in files if parse_vote_path(f) is None]
+    if stray:
+        raise LayoutError(
+            f"{len(stray)} Parquet file(s) under {votes_dir(out)} are not in the "
+            f"layout votes/sigma=<s>/method=<m>/shard=<id>.parquet: {names(stray)}. Move them "
+            "out of OUT/votes (aggregate reads every vote shard and nothing else).")
+    return files
+
+
+def error_files(out: str) -> list[str]:
+    """Every errors file under ``OUT/errors``, sorted ([] when no image was quarantined)."""
+    return storage.list_files(errors_dir(out), ".parquet")
+
+
+def names(items: Sequence[str], total: int | None = None) -> str:
+    """The first few items of a list for an error message, then ``... and N more``."""
+    total = len(items) if total is None else total
+    shown = ", ".join(str(i) for i in items[:_LIST_SHOWN])
+    return shown + (f" ... and {total - _LIST_SHOWN} more" if total > _LIST_SHOWN else "")
