@@ -598,7 +598,7 @@ def sequential_certify(sample: Callable[[int], ArrayLike], n0: int, n_max: int, 
 # --------------------------------------------------------------------------------------------
 
 def _savings_table(reps: int = 2000, seed: int = 0) -> str:  # pragma: no cover - a report
-    from densepure_core.config import DEFAULT_RADII
+    from densepure_core.certification.stats import DEFAULT_RADII
     n_max, alpha, sigma, batch = 10_000, 0.001, 0.5, 100
     p_values = [0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0]
     rng = np.random.default_rng(seed)

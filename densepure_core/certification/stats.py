@@ -44,9 +44,14 @@ __all__ = [
     "high_probability_certified_accuracy",
     "max_certifiable_radius",
     "wilson_interval",
+    "DEFAULT_RADII",
 ]
 
 ABSTAIN = -1  # the prediction recorded when CERTIFY or PREDICT abstains
+
+#: The radius grid of accuracy tables (and of the adaptive stopping rule) unless a run sets its
+#: own: Cohen et al.'s grid, extended to 4.0 (the cap at n = 10^5 is 3.81 sigma).
+DEFAULT_RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0]
 
 
 # --------------------------------------------------------------------------------------------

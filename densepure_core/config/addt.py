@@ -23,8 +23,8 @@ from typing import Any, Literal
 from pydantic import field_validator, model_validator
 
 from densepure_core.config.attack import parse_eps
-from densepure_core.config import (ClassifierConfig, DatasetConfig, DiffusionConfig, _JobConfig, _no_credentials,
-                                   _vote_dump, operational, unclassified_fields, votes)
+from densepure_core.config.fields import _JobConfig, _no_credentials, _vote_dump, operational, unclassified_fields, votes
+from densepure_core.config.sections import ClassifierConfig, DatasetConfig, DiffusionConfig
 
 __all__ = ["AddtConfig"]
 

@@ -4,230 +4,26 @@ A job is: a dataset and which images of it, a diffusion model, a classifier, one
 methods (``rs``: plain randomized smoothing; ``dds``: one-shot denoising, Carlini et al.;
 ``densepure``: K reverse runs of S steps and a majority vote), the sigmas, Cohen's n0/n/alpha,
 and operational settings (batch size, shard size, device, precision, output location).
-
-Configs are YAML files; the presets ship in the package (``densepure_core/config/presets/*.yaml``,
-named ``default``, ``imagenet_dds``, ...: :func:`packaged_config`). ``--set key=value`` overrides any field by its
-dotted path (``--set n=500``, ``--set methods.1.k=5``, ``--set sigmas=[0.25,0.5]``), values
-parsed as YAML. Every invalid value is refused with a message that names the field.
-
-Sources of models may use the prefix ``bundled:`` for the models this project ships in
-``densepure_core/assets`` (``bundled:digits/ddpm``).
+Reading it from YAML with ``--set`` overrides is :mod:`densepure_core.config.loading`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-import importlib.resources
 import json
-import re
-import typing
-from pathlib import Path
+import math
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import to_jsonable_python
+from pydantic import field_validator, model_validator
 
-__all__ = [
-    "ASSETS_DIR",
-    "PACKAGED_CONFIGS",
-    "packaged_config",
-    "resolve_config_path",
-    "ConfigError",
-    "DatasetConfig",
-    "DiffusionConfig",
-    "ClassifierConfig",
-    "MethodConfig",
-    "AdaptiveConfig",
-    "CertifyConfig",
-    "load_config",
-    "apply_overrides",
-    "resolve_source",
-    "DEFAULT_RADII",
-    "votes",
-    "operational",
-    "determines_votes",
-    "unclassified_fields",
-]
+from densepure_core.certification.stats import DEFAULT_RADII
+from densepure_core.config.fields import (_JobConfig, _no_credentials, _Strict, _stream_version, _vote_dump,
+                                          operational, unclassified_fields, votes)
+from densepure_core.config.sections import ClassifierConfig, DatasetConfig, DiffusionConfig
 
-ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
-#: The YAML presets shipped as package data (default, imagenet_dds, imagenet_densepure, ...).
-PACKAGED_CONFIGS = importlib.resources.files("densepure_core.config") / "presets"
-# Cohen et al.'s grid, extended to 4.0 (the cap at n = 10^5 is 3.81 sigma).
-DEFAULT_RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0]
+__all__ = ["MethodConfig", "AdaptiveConfig", "CertifyConfig", "DEFAULT_RADII"]
 
 MethodKind = Literal["rs", "dds", "densepure"]
-
-
-
-# -- which fields determine the votes: declared on each field ----------------------------------
-
-_VOTES_KEY = "votes"
-
-
-_OMIT_NONE_KEY = "hash_omits_none"
-
-
-def _classified(determines_votes: bool, default: Any, kwargs: dict[str, Any]) -> Any:
-    extra = {_VOTES_KEY: determines_votes}
-    if kwargs.pop("omit_none", False):  # a field added later: None keeps the hash it had before
-        extra[_OMIT_NONE_KEY] = True
-    if "default_factory" in kwargs:
-        return Field(json_schema_extra=extra, **kwargs)
-    return Field(default, json_schema_extra=extra, **kwargs)
-
-
-def votes(default: Any = ..., **kwargs: Any) -> Any:
-    """``Field(...)`` of a setting that changes vote counts: part of :meth:`CertifyConfig.config_hash`."""
-    return _classified(True, default, kwargs)
-
-
-def operational(default: Any = ..., **kwargs: Any) -> Any:
-    """``Field(...)`` of a setting that changes no vote count (speed, placement, post-processing)."""
-    return _classified(False, default, kwargs)
-
-
-def determines_votes(model: type[BaseModel], name: str) -> bool | None:
-    """The declaration of field ``name``: True (votes), False (operational), None (undeclared)."""
-    extra = model.model_fields[name].json_schema_extra
-    value = extra.get(_VOTES_KEY) if isinstance(extra, dict) else None
-    return value if isinstance(value, bool) else None
-
-
-def _nested_models(annotation: Any) -> list[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for arg in typing.get_args(annotation) for m in _nested_models(arg)]
-
-
-def unclassified_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
-    """Dotted names of the fields of ``model`` (nested models included) declared neither
-    :func:`votes` nor :func:`operational`."""
-    missing = []
-    for name, info in model.model_fields.items():
-        if determines_votes(model, name) is None:
-            missing.append(prefix + name)
-        for sub in _nested_models(info.annotation):
-            missing += unclassified_fields(sub, f"{prefix}{name}.")
-    return missing
-
-
-def _vote_value(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return _vote_dump(value)
-    if isinstance(value, (list, tuple)):
-        return [_vote_value(v) for v in value]
-    return to_jsonable_python(value)
-
-
-def _vote_dump(model: BaseModel) -> dict[str, Any]:
-    """The ``votes`` fields of ``model`` as JSON values, recursively (nested: their votes fields)."""
-    fields = type(model).model_fields
-    return {name: _vote_value(getattr(model, name))
-            for name in fields if determines_votes(type(model), name)
-            and not (getattr(model, name) is None and (fields[name].json_schema_extra or {}).get(_OMIT_NONE_KEY))}
-
-
-def _stream_version() -> int:
-    from densepure_core.rng import STREAM_VERSION  # imported here: rng imports torch
-
-    return STREAM_VERSION
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message names every offending field."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _JobConfig(_Strict):
-    """A job's whole config: hashed over :meth:`vote_fields` (defined by each job), written as YAML."""
-
-    def vote_fields(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def config_hash(self) -> str:
-        """sha256 (first 16 hex digits) of :meth:`vote_fields`: equal hashes, equal results."""
-        return hashlib.sha256(json.dumps(self.vote_fields(), sort_keys=True).encode()).hexdigest()[:16]
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-_CREDENTIALS_IN_URI = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]+@")
-
-
-def _no_credentials(value: str | None) -> str | None:
-    """Refuse ``scheme://user:secret@host/...``: configs are written next to results."""
-    if value and _CREDENTIALS_IN_URI.match(value):
-        raise ValueError("credentials must not be embedded in a URI (the config is written to OUT); "
-                         "use the AWS environment or credential files instead")
-    return value
-
-
-class DatasetConfig(_Strict):
-    """Which images to certify.
-
-    ``kind``: ``digits`` (scikit-learn's digits, bundled), ``imagefolder`` (class
-    sub-folders, ImageNet val layout; local or s3://), ``manifest`` (Parquet/CSV with columns
-    image_id, uri, label). Images are chosen as the papers do: every ``every``-th image starting
-    at ``start``, at most ``max_images`` (ImageNet val: every=500 gives 100 images).
-    """
-
-    # Every dataset field chooses or transforms the images, hence the votes.
-    kind: Literal["digits", "imagefolder", "manifest"] = votes("digits")
-    path: str | None = votes(None, description="ImageFolder root or manifest file")
-    split: Literal["train", "test", "all"] = votes("test")
-    image_size: int | None = votes(None, gt=0, description="square size images are resized/cropped to")
-    every: int = votes(1, ge=1)
-    start: int = votes(0, ge=0)
-    max_images: int | None = votes(None, ge=1)
-    classes_file: str | None = votes(None, description="one class folder name per line, in label order")
-    # Image files are read as RGB unless this says 1 (grayscale, Pillow's "L"): a 1-channel
-    # diffusion model needs it. Digits are 1-channel whatever it says.
-    channels: Literal[1, 3] | None = votes(None, omit_none=True,
-                                           description="1: read image files as grayscale; 3 (default): RGB")
-
-    _path_creds = field_validator("path", "classes_file")(_no_credentials)
-
-    @model_validator(mode="after")
-    def _path_needed(self):
-        if self.kind != "digits" and not self.path:
-            raise ValueError(f"dataset.path is required for dataset.kind={self.kind!r}")
-        return self
-
-
-class DiffusionConfig(_Strict):
-    """A diffusers UNet2DModel + scheduler: local dir, s3:// URI, hub id or bundled:NAME."""
-
-    source: str = votes()
-
-    _source_creds = field_validator("source")(_no_credentials)
-
-
-class ClassifierConfig(_Strict):
-    """A timm classifier: a timm name, hf-hub:, local-dir:, a checkpoint file or bundled:NAME.
-
-    ``source`` may contain ``{sigma}`` (e.g. noise-trained classifiers for Cohen's baseline).
-    Preprocessing comes from timm's pretrained config unless set here.
-    """
-
-    # Every classifier field changes the model or its preprocessing, hence the votes.
-    source: str = votes()
-    model_name: str | None = votes(None)
-    num_classes: int | None = votes(None, ge=2)
-    input_size: int | None = votes(None, gt=0)
-    interpolation: Literal["bicubic", "bilinear", "nearest"] | None = votes(None)
-    mean: tuple[float, ...] | None = votes(None)
-    std: tuple[float, ...] | None = votes(None)
-
-    _source_creds = field_validator("source")(_no_credentials)
-
-    def for_sigma(self, sigma: float) -> "ClassifierConfig":
-        return self.model_copy(update={"source": self.source.replace("{sigma}", repr(float(sigma)))})
 
 
 class MethodConfig(_Strict):
@@ -314,7 +110,7 @@ class AdaptiveConfig(_Strict):
         return tuple(self.bound_params(n_max)["looks"])
 
 
-class CertifyConfig(_Strict):
+class CertifyConfig(_JobConfig):
     """A whole certification job. Written, resolved, next to every result (OUT/config.yaml)."""
 
     # Each field is declared either votes(...) (it changes vote counts: part of config_hash, a
@@ -451,161 +247,8 @@ class CertifyConfig(_Strict):
             fields["stream_version"] = int(stream_version)
         return fields
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
 
 _UNDECLARED = unclassified_fields(CertifyConfig)
 if _UNDECLARED:  # a developer error: every field must say whether it determines the votes
     raise TypeError(f"CertifyConfig fields declared neither votes(...) nor operational(...): {_UNDECLARED}")
 
-
-def resolve_source(source: str) -> str:
-    """Expand ``bundled:NAME`` (keeping any ``local-dir:`` prefix) to the shipped asset path."""
-    prefix = ""
-    if source.startswith("local-dir:"):
-        prefix, source = "local-dir:", source[len("local-dir:"):]
-    if source.startswith("bundled:"):
-        return prefix + str(ASSETS_DIR / source[len("bundled:"):])
-    return prefix + source
-
-
-def _format_errors(exc: ValidationError, origin: str) -> str:
-    lines = [f"invalid config ({origin}):"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
-
-
-def _set_path(data: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node: Any = data
-    for i, key in enumerate(keys[:-1]):
-        if isinstance(node, list):
-            node = node[int(key)]
-            continue
-        if key not in node or node[key] is None:
-            node[key] = {}
-        node = node[key]
-    last = keys[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``key=value`` overrides (dotted keys, YAML values) to a raw config dict."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set n=500")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc})") from exc
-        try:
-            _set_path(data, key.strip(), value)
-        except (IndexError, ValueError, TypeError) as exc:
-            raise ConfigError(f"--set {key}: no such field path in the config") from exc
-    return data
-
-
-def packaged_config(name: str):
-    """The packaged preset ``name`` (``default``, ``imagenet_dds``; ``.yaml`` optional), read
-    from the installed package (importlib.resources), never from a source tree. Raises
-    ConfigError for an unknown name."""
-    stem = name.removesuffix(".yaml").removesuffix(".yml")
-    resource = PACKAGED_CONFIGS / f"{stem}.yaml"
-    if not resource.is_file():
-        names = sorted(p.name.removesuffix(".yaml") for p in PACKAGED_CONFIGS.iterdir() if p.name.endswith(".yaml"))
-        raise ConfigError(f"no packaged config {name!r}; packaged: {', '.join(names)}")
-    return resource
-
-
-def resolve_config_path(path: str | Path):
-    """A config file: ``path`` if it exists, else the packaged preset it names.
-
-    ``default`` or ``imagenet_dds.yaml`` (a bare name) and ``configs/imagenet_dds.yaml`` (where
-    the presets lived in the source tree before they became package data) name a packaged
-    preset when no such file exists; anything else is returned as given.
-    """
-    if isinstance(path, (str, Path)):
-        p = Path(path).expanduser()
-        if p.exists():
-            return p
-        if p.parent in (Path("."), Path("configs")) and p.suffix in ("", ".yaml", ".yml"):
-            try:
-                return packaged_config(p.name)
-            except ConfigError:
-                pass
-        return p
-    return path  # an importlib.resources Traversable
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one
-    silently, so a config with two ``n:`` lines would run with whichever came last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found the key {key!r} twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
-                    f"keep one", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-#: ``job:`` of a config -> (the command that runs it, what it is called in messages).
-_JOB_COMMANDS = {"attack": ("densepure attack", "an attack evaluation"),
-                 "train-addt": ("densepure train-addt", "an ADDT training")}
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                data: dict | None = None, model: type[BaseModel] | None = None) -> CertifyConfig:
-    """Read YAML (or take ``data``), apply overrides, validate. Raises ConfigError.
-
-    ``path``: a YAML file, or a packaged preset (:func:`resolve_config_path`). ``model``: the
-    config type (default :class:`CertifyConfig`; ``densepure attack`` passes
-    :class:`densepure_core.config.attack.AttackConfig`).
-    """
-    model = model or CertifyConfig
-    origin = str(path) if path else "<dict>"
-    if data is None:
-        if path is None:
-            raise ConfigError("no config given")
-        try:
-            data = yaml.load(resolve_config_path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file {path} does not exist") from exc
-        except IsADirectoryError as exc:
-            raise ConfigError(f"config {path} is a directory: pass a YAML file (e.g. {path}/config.yaml), or a "
-                              f"packaged preset name") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): pass a YAML file, not a "
-                              f"binary one") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} holds a YAML {type(data).__name__}, not a mapping of fields "
-                              f"(e.g. 'n: 500')")
-    data = apply_overrides(json.loads(json.dumps(data)), overrides or [])
-    if isinstance(data, dict):  # another job's config: say which command runs it
-        job = data.get("job")
-        wanted = model.model_fields["job"].default if "job" in model.model_fields else None
-        if job != wanted and job in _JOB_COMMANDS:
-            raise ConfigError(f"{origin} is {_JOB_COMMANDS[job][1]} config (job: {job}): run it with "
-                              f"`{_JOB_COMMANDS[job][0]} --config {origin}`")
-        if model is not CertifyConfig and job is None and "methods" in data:
-            raise ConfigError(f"{origin} is a certification config (it has methods and no 'job:'): run it "
-                              f"with `densepure certify --config {origin}`")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, origin)) from None
