@@ -33,8 +33,8 @@ from densepure_core.rng import STREAM_VERSION
 from tasks.common import storage
 from tasks.common.faults import fault_point
 from tasks.common.layout import attack_errors_uri, attack_shard_uri, config_uri, manifest_uri, run_uri
-from tasks.certify.plan import (PlanError, _local_dir, _versions, check_files_exist, check_labels, differing_fields,
-                   shard_positions, source_hashes, write_manifest)
+from tasks.common.planning import (PlanError, check_files_exist, check_labels, differing_fields, library_versions,
+                                   local_model_dir, shard_positions, source_hashes, write_manifest)
 
 __all__ = ["AttackTask", "AttackPlan", "plan_attack", "load_attack_plan", "defense_t_star", "check_defenses"]
 
@@ -95,7 +95,7 @@ def check_defenses(cfg: AttackConfig) -> dict[str, int]:
     after checking that each DDPM defense's steps fit in its chain (S <= t*)."""
     if cfg.diffusion is None or not any(d.kind == "purify" for d in cfg.defenses):
         return {}
-    root = _local_dir(cfg.diffusion.source)
+    root = local_model_dir(cfg.diffusion.source)
     if root is None:
         return {}
     import os
@@ -183,7 +183,7 @@ def plan_attack(cfg: AttackConfig, out: str | None = None) -> AttackPlan:
         "job": "attack", "run_id": run_id, "config_hash": plan.config_hash, "stream_version": STREAM_VERSION,
         "images": len(chosen), "shards": shards, "partitions": [list(p) for p in partitions], "t_star": t_stars,
         "model_hashes": source_hashes(sources), "host": socket.gethostname(),
-        "created_at": datetime.now(timezone.utc).isoformat(), "versions": _versions(),
+        "created_at": datetime.now(timezone.utc).isoformat(), "versions": library_versions(),
     }
     storage.write_text_atomic(run_uri(out), json.dumps(run, indent=2))
     return plan

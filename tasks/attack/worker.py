@@ -40,7 +40,7 @@ from tasks.common.faults import fault_point
 from tasks.common.layout import ATTACKS_SCHEMA
 from tasks.common.raypool import run_on_actors
 from tasks.common.shards import remove_stale_temporaries, shard_state
-from tasks.certify.vote import BadInputError, check_image_fits, resolve_device, stopped_by_bad_input
+from tasks.common.workers import BadInputError, check_image_fits, resolve_device, stopped_by_bad_input
 from tasks.common.worker_label import worker_label
 
 __all__ = ["AttackWorker", "AttackShardResult", "run_attack_stage"]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import socket
 import uuid
 from dataclasses import dataclass
@@ -36,23 +35,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from densepure_core.config import CertifyConfig, resolve_source
-from densepure_core.data.sources import ImageRecord, enumerate_records, missing_files, select_records
+from densepure_core.config import CertifyConfig
+from densepure_core.data.sources import ImageRecord, enumerate_records, select_records
 from densepure_core.rng import STREAM_VERSION
 
 from tasks.common import storage
 from tasks.common.faults import fault_point
 from tasks.common.layout import config_uri, error_files, errors_uri, format_sigma, manifest_uri, run_uri, shard_uri, votes_dir
+from tasks.common.planning import (PlanError, check_files_exist, check_labels, differing_fields, library_versions,
+                                   local_model_dir, local_model_json, shard_positions, source_hashes, write_manifest)
+from tasks.common.workers import image_fit_problem
 
-__all__ = ["Plan", "ShardTask", "PlanError", "plan_run", "load_plan", "plan_summary", "check_labels", "check_files_exist",
-           "shard_positions", "write_manifest", "record_published_tables"]
+__all__ = ["Plan", "ShardTask", "PlanError", "plan_run", "load_plan", "plan_summary", "record_published_tables"]
 
 
 log = logging.getLogger("densepure.plan")
-
-
-class PlanError(ValueError):
-    """OUT holds a different run, or the plan cannot be made; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -102,23 +99,6 @@ class Plan:
         return {p: len(self.records) for p in self.partitions}
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("densepure", "torch", "diffusers", "timm", "numpy", "scipy", "prefect", "ray", "duckdb", "pyarrow"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def _local_dir(source: str) -> str | None:
-    path = resolve_source(source).removeprefix("local-dir:")
-    return path if os.path.exists(path) else None
-
-
 def check_steps(cfg: CertifyConfig) -> dict[str, int]:
     """t* per sigma from the diffusion model's scheduler, and ``steps <= t*`` for every method.
 
@@ -128,7 +108,7 @@ def check_steps(cfg: CertifyConfig) -> dict[str, int]:
     """
     if cfg.diffusion is None:
         return {}
-    root = _local_dir(cfg.diffusion.source)
+    root = local_model_dir(cfg.diffusion.source)
     if root is None:
         return {}
     from diffusers import DDPMScheduler
@@ -155,37 +135,6 @@ def check_steps(cfg: CertifyConfig) -> dict[str, int]:
     return t_stars
 
 
-def _local_json(source: str, *names: str) -> dict:
-    """The first of ``names`` (paths relative to a local model dir) that exists, parsed; {} if none."""
-    root = _local_dir(source)
-    for name in names:
-        path = os.path.join(root, name) if root and os.path.isdir(root) else None
-        if path and os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    return json.load(f)
-            except (OSError, ValueError):
-                return {}  # the model loader reports a broken file, naming it
-    return {}
-
-
-def image_fit_problem(channels: int, size: tuple[int, int] | None, model_channels: int,
-                      model_size: tuple[int, int] | None) -> str | None:
-    """Why images of ``channels`` x ``size`` (H, W; None: unknown) cannot go into a diffusion model
-    taking ``model_channels`` x ``model_size``, and the setting that fixes it; None if they fit.
-    One message for the plan and the workers (callers say which images)."""
-    if channels != model_channels:
-        setting = ("set dataset.channels: 1 (reads the image files as grayscale)" if model_channels == 1 else
-                   "set dataset.channels: 3 (reads the image files as RGB)" if model_channels == 3 else
-                   "use a diffusion model of 1 or 3 channels")
-        return (f"{channels} channel(s), but the diffusion model takes {model_channels}: {setting}; "
-                f"dataset.image_size cannot change the channels")
-    if size is not None and model_size is not None and tuple(size) != tuple(model_size):
-        return (f"{size[0]}x{size[1]} pixels, but the diffusion model takes {model_size[0]}x{model_size[1]}: set "
-                f"dataset.image_size: {model_size[0]} to resize and center-crop every image")
-    return None
-
-
 def check_model_inputs(cfg: CertifyConfig) -> None:
     """Refuse at plan time, before Ray starts, what the local models show cannot work: images with
     the wrong channels or size for the diffusion model, labels the classifier cannot output.
@@ -194,7 +143,7 @@ def check_model_inputs(cfg: CertifyConfig) -> None:
     ones are checked by the workers when they load them (same messages).
     """
     if cfg.diffusion is not None and any(m.kind != "rs" for m in cfg.methods):
-        unet = _local_json(cfg.diffusion.source, "unet/config.json", "config.json")
+        unet = local_model_json(cfg.diffusion.source, "unet/config.json", "config.json")
         if "in_channels" in unet:
             size = unet.get("sample_size")
             size = tuple(size) if isinstance(size, (list, tuple)) else (size, size) if size else None
@@ -210,7 +159,7 @@ def check_model_inputs(cfg: CertifyConfig) -> None:
 
 def classifier_width(source: str) -> int | None:
     """The output width a local classifier's config declares (timm / Hugging Face config.json), or None."""
-    config = _local_json(source, "config.json")
+    config = local_model_json(source, "config.json")
     width = config.get("num_classes", config.get("num_labels"))
     return int(width) if isinstance(width, int) and width > 0 else None
 
@@ -222,26 +171,6 @@ def model_hashes(cfg: CertifyConfig) -> dict[str, dict[str, str]]:
     if cfg.diffusion is not None:
         sources.add(cfg.diffusion.source)
     return source_hashes(sources)
-
-
-def source_hashes(sources) -> dict[str, dict[str, str]]:
-    """{source: {weights file: sha256}} for local sources ({} for remote ones)."""
-    from densepure_core.models import file_sha256
-
-    out = {}
-    for source in sorted(sources):
-        root = _local_dir(source)
-        files = {}
-        if root and os.path.isdir(root):
-            for dirpath, _, names in os.walk(root):
-                for name in sorted(names):
-                    if name.endswith((".safetensors", ".bin", ".pth", ".pt", ".ckpt")):
-                        full = os.path.join(dirpath, name)
-                        files[os.path.relpath(full, root)] = file_sha256(full)
-        elif root:
-            files[os.path.basename(root)] = file_sha256(root)
-        out[source] = files
-    return out
 
 
 def load_plan(out: str) -> Plan | None:
@@ -310,65 +239,6 @@ def _check_same_run(cfg: CertifyConfig, out: str) -> None:
                     f"stored config ({storage.join(out, 'config.yaml')}) to resume it.")
 
 
-def differing_fields(stored, cfg) -> list[str]:
-    """The ``votes`` fields (top level) on which two configs of one job differ, sorted: what a
-    refusal to resume an OUT with another config names."""
-    a, b = stored.vote_fields(), cfg.vote_fields()
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
-def shard_positions(images: int, shard_size: int) -> list[list[int]]:
-    """Positions 0..images-1 cut into consecutive shards of ``shard_size`` (the last may be shorter)."""
-    return [list(range(i, min(i + shard_size, images))) for i in range(0, images, shard_size)]
-
-
-def write_manifest(out: str, chosen, shard_size: int) -> None:
-    """Publish ``OUT/manifest.parquet``: position, image_id, uri, label, shard of every chosen image."""
-    manifest = pa.table({
-        "position": pa.array(range(len(chosen)), pa.int32()),
-        "image_id": [r.image_id for r in chosen],
-        "uri": [r.uri for r in chosen],
-        "label": pa.array([r.label for r in chosen], pa.int32()),
-        "shard": pa.array([p // shard_size for p in range(len(chosen))], pa.int32()),
-    })
-    storage.write_parquet_atomic(manifest_uri(out), manifest)
-
-
-def check_files_exist(records, on_bad_input: str) -> None:
-    """Refuse, before anything is written, images whose local file or S3 object does not exist
-    (under ``on_bad_input: fail``); under ``quarantine`` the workers record them in the errors table."""
-    missing = missing_files(list(records))
-    if missing and on_bad_input == "fail":
-        first = missing[0]
-        raise PlanError(f"{len(missing)} image file(s) of the dataset do not exist, e.g. {first.uri!r} (image_id "
-                        f"{first.image_id!r}); relative manifest URIs are resolved against the manifest's directory. "
-                        f"Fix the paths (or remove those rows), or set on_bad_input: quarantine to record them in "
-                        f"the errors table and certify the rest.")
-    if missing:
-        log.warning("%d image file(s) do not exist (e.g. %s); they will be quarantined", len(missing), missing[0].uri)
-
-
-def check_labels(records, num_classes: int, what: str, error=ValueError) -> None:
-    """Refuse labels that are neither -1 (unknown) nor a class index below ``num_classes``.
-
-    Args:
-        records: ImageRecords (image_id, uri, label).
-        num_classes: the classifier's output width.
-        what: where the width comes from, for the message (e.g. ``classifier.num_classes``).
-        error: the exception type to raise.
-    """
-    bad = [r for r in records if not -1 <= r.label < num_classes]
-    if bad:
-        first = bad[0]
-        raise error(
-            f"image {first.image_id!r} ({first.uri}) has label {first.label}, but the classifier has "
-            f"{num_classes} outputs ({what}): a label must be -1 (unknown) or one of the classifier's class "
-            f"indices 0..{num_classes - 1} ({len(bad)} image(s) out of range). Fix the labels (a manifest's "
-            f"label column, or dataset.classes_file to map the folders to the classifier's class order; -1 "
-            f"where unknown), or, if it is the wrong classifier, point classifier.source at the one trained "
-            f"on these classes.")
-
-
 def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
     """Make (or reload) the plan of ``cfg`` in ``out`` (default ``cfg.out``)."""
     out = out or cfg.out
@@ -416,7 +286,7 @@ def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
         "num_classes": num_classes, "images": len(chosen), "shards": shards, "partitions": [list(p) for p in partitions],
         "t_star": t_stars, "model_hashes": model_hashes(cfg),
         "host": socket.gethostname(), "created_at": datetime.now(timezone.utc).isoformat(),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     # run.json last: its presence marks a complete plan.
     storage.write_text_atomic(run_uri(out), json.dumps(run, indent=2))

@@ -32,47 +32,20 @@ from tasks.common import storage
 from tasks.common.quarantine import publish_shard_errors
 from tasks.common.faults import fault_point
 from tasks.common.layout import VOTES_SCHEMA, error_files
-from tasks.certify.plan import Plan, ShardTask, check_labels, image_fit_problem
+from tasks.certify.plan import Plan, ShardTask
+from tasks.common.planning import check_labels
+from tasks.common.workers import BadInputError, check_image_fits, resolve_device, stopped_by_bad_input
 from tasks.common.raypool import run_on_actors
 from tasks.common.shards import remove_stale_temporaries, shard_state
 from tasks.common.worker_label import worker_label
 
-__all__ = ["VoteWorker", "ShardResult", "BadInputError", "stopped_by_bad_input", "check_image_fits",
-           "shard_is_complete", "remove_stale_temporaries",
-           "run_vote_stage", "resolve_device", "PURIFIER_KIND"]
+__all__ = ["VoteWorker", "ShardResult", "shard_is_complete", "remove_stale_temporaries", "run_vote_stage",
+           "PURIFIER_KIND"]
 
 log = logging.getLogger("densepure.vote")
 
 # method kind -> purifier kind (densepure_core.diffusion.purify.make_purifier)
 PURIFIER_KIND = {"rs": "none", "dds": "one_shot", "densepure": "densepure"}
-
-
-class BadInputError(ValueError):
-    """A bad image or a bad model output under on_bad_input=fail; names the image and the fix."""
-
-
-def stopped_by_bad_input(exc: Exception) -> BadInputError:
-    """The error that stops a run at a bad image (``on_bad_input: fail``): the image's problem, then
-    what was kept and the two ways on. Both jobs raise it."""
-    return BadInputError(f"{exc}\nThe run stopped (on_bad_input: fail); finished shards are kept and a rerun "
-                         f"resumes. Fix or remove the image, or set on_bad_input: quarantine to record such "
-                         f"images in the errors table and go on.")
-
-
-def check_image_fits(x: torch.Tensor, rec, unet) -> None:
-    """Raise DatasetError when image ``x`` ``[C, H, W]`` is not the diffusion model's size and channels."""
-    size, channels = unet.config.sample_size, unet.config.in_channels
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    if tuple(x.shape[-2:]) != size or x.shape[0] != channels:
-        # the plan's message and fix (a wrong channel count is no image_size matter)
-        raise DatasetError(f"image {rec.uri!r} has "
-                           f"{image_fit_problem(x.shape[0], tuple(x.shape[-2:]), channels, size)}")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass

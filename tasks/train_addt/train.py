@@ -51,8 +51,8 @@ from tasks.common import storage
 from tasks.common.faults import fault_point
 from tasks.common.layout import (TRAIN_METRICS_SCHEMA, checkpoint_name, config_uri, metrics_files, metrics_uri, model_dir,
                      run_uri, train_dir)
-from tasks.certify.plan import (PlanError, _versions, check_files_exist, check_labels, differing_fields, source_hashes,
-                   write_manifest)
+from tasks.common.planning import (PlanError, check_files_exist, check_labels, differing_fields, library_versions,
+                                   source_hashes, write_manifest)
 
 __all__ = ["TrainPlan", "TrainProgress", "plan_training", "run_training", "train_loop_per_worker", "export_model",
            "latest_checkpoint", "is_train_out", "STATE_FILE"]
@@ -115,7 +115,7 @@ def _check_models(cfg: AddtConfig, first: ImageRecord) -> int:
     from densepure_core.data.sources import DatasetError, load_image
     from densepure_core.models import ModelLoadError, load_classifier, load_diffusion
 
-    from tasks.certify.vote import check_image_fits
+    from tasks.common.workers import check_image_fits
 
     c = cfg.classifier
     try:
@@ -167,7 +167,7 @@ def plan_training(cfg: AddtConfig, out: str | None = None) -> TrainPlan:
         run = {"job": "train-addt", "run_id": run_id, "config_hash": plan.config_hash, "images": len(chosen),
                "model_hashes": source_hashes({cfg.diffusion.source, cfg.classifier.source}),
                "host": socket.gethostname(), "created_at": datetime.now(timezone.utc).isoformat(),
-               "versions": _versions()}
+               "versions": library_versions()}
         storage.write_text_atomic(run_uri(out), json.dumps(run, indent=2))
     return plan
 

@@ -19,7 +19,8 @@ from densepure_core.config import load_config
 from tasks.certify.aggregate import aggregate
 from tasks.certify.plan import PlanError, plan_run
 from tasks.certify.report import write_report
-from tasks.certify.vote import BadInputError, VoteWorker
+from tasks.certify.vote import VoteWorker
+from tasks.common.workers import BadInputError
 
 
 def manifest_job(tmp, labels, classes: int = 2, **over) -> dict:
