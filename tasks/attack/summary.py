@@ -52,13 +52,14 @@ def write_attack_report(out: str, *, expected: dict | None = None) -> str:
         expected: {(defense, threat, attack): planned images minus quarantined}, to flag partitions
             with missing rows (None: not checked).
     """
-    from tasks.query import connect
+    from tasks.attack.views import connect
+    from tasks.common.sql import has_view
 
     con = connect(out)
     try:
         table = summary_table(con)
         quarantined = {}
-        if con.sql("SELECT count(*) FROM duckdb_views() WHERE view_name = 'errors'").fetchall()[0][0]:
+        if has_view(con, "errors"):
             quarantined = dict(con.sql("SELECT method, count(*) FROM errors GROUP BY ALL").fetchall())
         settings = con.sql("""
             SELECT defense, threat, attack, any_value(attack_kind), any_value(norm), any_value(eps),

@@ -1,7 +1,7 @@
 """The SQL of the attack summary: a leaf of the stage layer (no tasks imports).
 
 :data:`SUMMARY_SQL` backs both the ``attack_summary`` view of ``densepure sql``
-(tasks/query.py) and the published ``OUT/tables/attack_summary.parquet``
+(tasks/attack/views.py) and the published ``OUT/tables/attack_summary.parquet``
 (tasks/attack/summary.py). It needs the ``wilson_low``/``wilson_high`` UDFs of tasks/common/sqlfuncs.py.
 """
 

@@ -2,7 +2,7 @@
 
 Pure string builders (plus the validation of their ``alpha`` and ``radii``), run by
 :mod:`tasks.certify.aggregate` on its scratch connection and, as they are, by ``densepure sql`` on the
-read-only views of :func:`tasks.query.connect`. A leaf of the stage layer: no tasks imports.
+read-only views of :func:`tasks.common.sql.connect`. A leaf of the stage layer: no tasks imports.
 
 Why SQL rather than a Python loop over images: the top class (``list_position(counts0,
 list_max(counts0))``), n_a and n are list functions DuckDB evaluates in parallel straight from
@@ -100,7 +100,7 @@ def certificates_sql(alpha: float, source: str = "votes") -> str:
     ties go to the lowest class index, as ``numpy.argmax``), n_a = counts[top], n =
     sum(counts); the Clopper-Pearson bound and the radius come from the UDFs ``cp_lower`` and
     ``smoothing_radius`` (:func:`tasks.common.sqlfuncs.register_udfs`), evaluated once per distinct
-    (sigma, n_a, n). Runs as it is on the ``votes`` view of :func:`tasks.query.connect`.
+    (sigma, n_a, n). Runs as it is on the ``votes`` view of :func:`tasks.certify.views.register`.
 
     Args:
         alpha: one-sided error level in (0, 1).

@@ -2,7 +2,7 @@
 
 Everything here reads the published tables (``OUT/tables/*.parquet``, written by
 tasks/certify/aggregate.py) and the vote files through the read-only connection of
-:func:`tasks.query.connect`; nothing is recomputed from images.
+:func:`tasks.certify.views.connect`; nothing is recomputed from images.
 
 - :func:`write_report`: ``OUT/report.md`` (certified accuracy per sigma and method at Cohen's
   radii, image counts, abstention rate, mean UNet/classifier calls and seconds per image, a
@@ -33,7 +33,8 @@ from tasks.common import storage
 from tasks.certify.aggregate_sql import accuracy_sql
 from tasks.common.quarantine import quarantined_counts, read_errors
 from tasks.common.layout import config_uri, plot_uri, report_uri, run_uri, tables_uri, tsv_dir, tsv_name, votes_dir
-from tasks.query import connect
+from tasks.certify.views import connect
+from tasks.common.sql import has_view
 from tasks.common.textfmt import markdown_table, text_table
 
 __all__ = ["REPORT_RADII", "TSV_HEADER", "ReportError", "write_report", "format_accuracy_table",
@@ -170,8 +171,7 @@ def write_report(out: str, *, title: str | None = None) -> str:
     summary = _read_summary(out)
     con = connect(out)
     try:
-        has_votes = bool(con.sql(
-            "SELECT count(*) FROM duckdb_views() WHERE view_name = 'votes'").fetchall()[0][0])
+        has_votes = has_view(con, "votes")
         acc_rows = con.sql(accuracy_sql(REPORT_RADII, "certificates")).to_arrow_table()
         # coalesce: no certificates at all when every image was quarantined
         meta = con.sql("""
@@ -369,8 +369,7 @@ def export_tsv(out: str, dest: str | None = None) -> list[str]:
     dest = dest or tsv_dir(out)
     con = connect(out)
     try:
-        has_votes = bool(con.sql(
-            "SELECT count(*) FROM duckdb_views() WHERE view_name = 'votes'").fetchall()[0][0])
+        has_votes = has_view(con, "votes")
         if not has_votes:
             raise ReportError(f"no vote files under {votes_dir(out)}: the TSV 'time' "
                               "column comes from the votes")

@@ -5,7 +5,7 @@ adds them as Arrow UDFs backed by ``densepure_core.certification.stats`` (scipy.
 UDF is called once per DuckDB vector (2,048 rows) with whole Arrow arrays, never per row.
 
 A leaf of the stage layer (no tasks imports): the aggregate stage registers them on its
-connection, :func:`tasks.query.connect` on the read-only results connection.
+connection, :func:`tasks.common.sql.connect` on the read-only results connection.
 """
 
 from __future__ import annotations

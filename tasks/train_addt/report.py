@@ -13,7 +13,7 @@ import json
 
 from tasks.common import storage
 from tasks.common.layout import report_uri, run_uri
-from tasks.query import connect
+from tasks.train_addt.views import connect
 from tasks.common.textfmt import markdown_table
 
 __all__ = ["write_train_report", "WINDOWS_SQL"]

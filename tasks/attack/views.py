@@ -1,0 +1,31 @@
+"""The attack evaluation's SQL views: ``attacks`` (every attack shard, a lazy scan) and
+``attack_summary`` (robust accuracy per defense, threat, attack and scoring rule with Wilson
+intervals: :data:`tasks.attack.summary_sql.SUMMARY_SQL`)."""
+
+from __future__ import annotations
+
+import duckdb
+import fsspec
+
+from tasks.attack.summary_sql import SUMMARY_SQL
+from tasks.common import layout, storage
+from tasks.common.sql import connect as _connect
+from tasks.common.sql import lazy_dataset
+
+__all__ = ["register", "connect"]
+
+
+def register(con: duckdb.DuckDBPyConnection, out: str, fs: fsspec.AbstractFileSystem,
+             alpha: float | None) -> list[str]:
+    """Register the attack views of OUT on ``con``; ``alpha`` concerns certification only."""
+    rows = layout.attack_files(out)
+    if not rows:
+        return []
+    con.register("attacks", lazy_dataset(rows, fs, storage.is_s3(out), layout.ATTACKS_SCHEMA))
+    con.execute(f"CREATE VIEW attack_summary AS {SUMMARY_SQL}")
+    return ["attacks", "attack_summary"]
+
+
+def connect(out: str) -> duckdb.DuckDBPyConnection:
+    """The read-only connection on an attack OUT with its views (and ``errors``)."""
+    return _connect(out, [register])
