@@ -5,6 +5,9 @@ or purifier + classifier with K votes; exact, checkpointed, BPDA or no gradients
 ``pgd`` (PGD-EOT, deterministic white-box and BPDA in one loop), ``scoring`` (mean, majority
 and worst case over M purifications). Pure library code: the pipeline (``densepure attack``)
 lives in ``tasks/attack/worker.py`` and ``flows/attack.py``.
+
+Imports :mod:`densepure_core.diffusion` (the reverse process), :mod:`densepure_core.rng` and
+:mod:`densepure_core.smoothing` (the majority vote with its tie rule).
 """
 
 from .defense import GRADIENTS, Defense, attack_seed, majority_labels, purification_noise

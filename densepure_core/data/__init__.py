@@ -1,5 +1,6 @@
 """Data sets: the bundled scikit-learn digits (:mod:`.digits`) and image sources (:mod:`.sources`).
 
+Imports :mod:`densepure_core.config` (the dataset section) and :mod:`densepure_core.remote`.
 Only the digits API is re-exported here; ``sources`` imports fsspec/PIL lazily through its own
 module, so ``import densepure_core.data`` stays cheap. Try::
 

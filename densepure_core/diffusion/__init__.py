@@ -5,5 +5,6 @@ and the purifiers built on it.
 (re-spaced timesteps and coefficients), ``reverse`` (``ReverseProcess.step``: the only place a
 step's arithmetic is written), ``purify`` (none, one-shot DDS, DensePure S-step, full chain).
 
-Imports only torch, numpy and :mod:`densepure_core.rng`: no model loading, no config.
+Imports torch and numpy only: no noise generation (a purifier takes its noise as an argument), no
+model loading, no config.
 """

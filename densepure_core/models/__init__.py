@@ -21,8 +21,13 @@ Example::
     logits = clf(x01)  # [B, 10]
 
 The package, one job per module: ``_weights`` (the error type, safe and strict weight loading,
-hub helpers), ``diffusion`` (:func:`load_diffusion`), ``classifier`` (:func:`load_classifier`)
-and ``fingerprint`` (hashes for run metadata).
+hub helpers), ``diffusion`` (:func:`load_diffusion`), ``classifier`` (:func:`load_classifier`),
+``fingerprint`` (hashes for run metadata), ``accel`` (channels_last and torch.compile for a loaded
+module), ``adm`` (OpenAI's ADM UNet in diffusers terms and the checkpoint converter), ``presets``
+(the papers' checkpoints and ``models fetch``) and ``toy`` (the bundled digits models: architecture
+and training recipe, ``densepure train-toy``).
+
+Imports :mod:`densepure_core.remote` (S3) and :mod:`densepure_core.data` (the digits, for ``toy``).
 """
 
 from __future__ import annotations

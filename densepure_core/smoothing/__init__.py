@@ -20,6 +20,9 @@ Example:
 
 Tests: ``tests/densepure_core/smoothing/test_smoothing.py`` and ``test_scheduler.py``; speed:
 ``benchmarks/engine.py`` (CPU) and ``benchmarks/gpu_models.py`` (GPU).
+
+Imports :mod:`densepure_core.diffusion` (the purifiers), :mod:`densepure_core.certification` (the
+adaptive stopping rule), :mod:`densepure_core.rng` and :mod:`densepure_core.models` (``accel``).
 """
 
 from __future__ import annotations

@@ -78,6 +78,36 @@ def test_vote_stage_does_not_import_the_aggregate_stage():
     assert "query" not in _reachable(graph, "certify.vote")
 
 
+JOBS = ("certify", "attack", "train_addt")
+
+
+def _package(module: str) -> str:
+    return module.split(".")[0] if "." in module else module
+
+
+def test_every_module_belongs_to_the_shared_machinery_a_job_or_the_catalog():
+    assert {_package(m) for m in _graph()} == {"common", *JOBS, "query"}
+
+
+def test_the_shared_machinery_imports_no_job():
+    graph = _graph()
+    bad = {m: sorted(d for d in deps if _package(d) != "common")
+           for m, deps in graph.items() if _package(m) == "common"}
+    assert not {m: d for m, d in bad.items() if d}, bad
+
+
+def test_no_job_imports_another_jobs_package():
+    graph = _graph()
+    bad = {}
+    for m, deps in graph.items():
+        job = _package(m)
+        if job in JOBS:
+            other = sorted(d for d in deps if _package(d) not in ("common", job))
+            if other:
+                bad[m] = other
+    assert not bad, f"a job package imports another job's (or the catalog tasks.query): {bad}"
+
+
 def test_attack_stage_does_not_import_the_summary_or_aggregate_stages():
     graph = _graph()
     assert not {"certify.aggregate", "query", "attack.summary", "certify.report"} & _reachable(graph, "attack.worker")
