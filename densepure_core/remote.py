@@ -33,6 +33,10 @@ def filesystem_for(uri: str, storage_options: dict | None = None) -> tuple[fsspe
         config_kwargs = copy.deepcopy({**S3_CONFIG_KWARGS, **dict(options.pop("config_kwargs", None) or {})})
         options.pop("skip_instance_cache", None)
         # skip_instance_cache: a cached instance would keep the endpoint it was first made with.
+        # use_listings_cache=False: one filesystem serves a whole run (tasks.common.run_dir) while
+        # Ray workers in other processes rewrite its objects; a cached listing would carry stale
+        # sizes and ETags (s3fs then fails with FileExpired on a shard rewritten meanwhile).
+        options.setdefault("use_listings_cache", False)
         fs = fsspec.filesystem("s3", skip_instance_cache=True, config_kwargs=config_kwargs, **options)
         return fs, uri[len("s3://"):]
     return fsspec.filesystem("file"), os.path.abspath(uri)

@@ -14,14 +14,19 @@ import time
 from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
-from densepure_core.config.attack import AttackConfig
 from densepure_core.config import load_config
-from tasks.attack.worker import AttackShardResult, run_attack_stage
+from densepure_core.config.attack import AttackConfig
 from tasks.attack.plan import AttackPlan, plan_attack
 from tasks.attack.summary import write_attack_report
+from tasks.attack.worker import AttackShardResult, run_attack_stage
+from tasks.common.run_dir import RunDir
 
 __all__ = ["attack_flow", "attack_config_file", "run_attack_job", "AttackProgress"]
 
@@ -51,8 +56,8 @@ class AttackProgress:
 
 
 @task(name="plan-attack")
-def plan_task(cfg: AttackConfig, out: str) -> AttackPlan:
-    plan = plan_attack(cfg, out)
+def plan_task(cfg: AttackConfig, run: RunDir) -> AttackPlan:
+    plan = plan_attack(cfg, run)
     get_run_logger().info("plan: %s images, %s shards, %s partitions (resumed: %s)", len(plan.records),
                           len(plan.shards), len(plan.partitions), plan.resumed)
     return plan
@@ -81,18 +86,18 @@ def attack_task(cfg: AttackConfig, plan: AttackPlan, ray_address: str | None, pr
 
 
 @task(name="attack-report")
-def report_task(out: str, expected: dict) -> str:
-    return write_attack_report(out, expected=expected)
+def report_task(run: RunDir, expected: dict) -> str:
+    return write_attack_report(run, expected=expected)
 
 
 @flow(name="densepure-attack")
 def attack_flow(config: dict, out: str | None = None, ray_address: str | None = None, progress: bool = True) -> dict:
     """Attack the dataset of ``config``; returns per-stage seconds, the report and counts."""
     cfg = AttackConfig.model_validate(config)
-    out = out or cfg.out
+    run = RunDir(out or cfg.out)  # the run's one handle, from here down
     timings = {}
     t0 = time.perf_counter()
-    plan = plan_task(cfg, out)
+    plan = plan_task(cfg, run)
     timings["plan"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     results = attack_task(cfg, plan, ray_address, progress)
@@ -102,12 +107,12 @@ def attack_flow(config: dict, out: str | None = None, ray_address: str | None = 
     for r in results:
         quarantined[(r.defense, r.threat, r.attack)] = quarantined.get((r.defense, r.threat, r.attack), 0) + r.quarantined
     expected = {p: len(plan.records) - quarantined.get(p, 0) for p in plan.partitions}
-    report = report_task(out, expected)
+    report = report_task(run, expected)
     timings["report"] = time.perf_counter() - t0
-    create_markdown_artifact(report, key="densepure-attack-report", description=f"attack evaluation report for {out}")
+    create_markdown_artifact(report, key="densepure-attack-report", description=f"attack evaluation report for {run}")
     create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
                           key="densepure-attack-stage-timings")
-    return {"out": out, "run_id": plan.run_id, "timings": timings, "report": report,
+    return {"out": run.root, "run_id": plan.run_id, "timings": timings, "report": report,
             "computed_shards": sum(not r.skipped for r in results), "skipped_shards": sum(r.skipped for r in results),
             "images": len(plan.records), "quarantined": sum(quarantined.values())}
 

@@ -30,10 +30,10 @@ from prefect.artifacts import (
 from densepure_core.config import CertifyConfig, load_config
 from tasks.certify import aggregate as aggregate_mod
 from tasks.certify import report as report_mod
-from tasks.common import storage
-from tasks.common.quarantine import quarantined_counts
 from tasks.certify.plan import Plan, plan_run, plan_summary, record_published_tables
 from tasks.certify.vote import ShardResult, run_vote_stage
+from tasks.common.quarantine import quarantined_counts
+from tasks.common.run_dir import RunDir
 
 __all__ = ["certify_flow", "certify_config_file", "ProgressPrinter", "run_certify"]
 
@@ -66,8 +66,8 @@ class ProgressPrinter:
 
 
 @task(name="plan")
-def plan_task(cfg: CertifyConfig, out: str) -> Plan:
-    plan = plan_run(cfg, out)
+def plan_task(cfg: CertifyConfig, run: RunDir) -> Plan:
+    plan = plan_run(cfg, run)
     get_run_logger().info("plan: %s", plan_summary(plan))
     return plan
 
@@ -97,17 +97,17 @@ def vote_task(cfg: CertifyConfig, plan: Plan, ray_address: str | None, progress:
 
 
 @task(name="aggregate")
-def aggregate_task(out: str, alpha: float, radii: list[float], expected: dict, allow_partial: bool,
+def aggregate_task(run: RunDir, alpha: float, radii: list[float], expected: dict, allow_partial: bool,
                    quarantined: dict):
-    result = aggregate_mod.aggregate(out, alpha=alpha, radii=radii, expected=expected, allow_partial=allow_partial,
+    result = aggregate_mod.aggregate(run, alpha=alpha, radii=radii, expected=expected, allow_partial=allow_partial,
                                      quarantined=quarantined)
-    record_published_tables(out, result.alpha, list(result.radii))  # config.yaml says the tables' alpha
+    record_published_tables(run, result.alpha, list(result.radii))  # config.yaml says the tables' alpha
     return result
 
 
 @task(name="report")
-def report_task(out: str) -> str:
-    return report_mod.write_report(out)
+def report_task(run: RunDir) -> str:
+    return report_mod.write_report(run)
 
 
 @flow(name="densepure-certify")
@@ -115,31 +115,30 @@ def certify_flow(config: dict, out: str | None = None, ray_address: str | None =
                  allow_partial: bool = False, progress: bool = True) -> dict:
     """Certify the dataset of ``config``; returns per-stage seconds and the output location."""
     cfg = CertifyConfig.model_validate(config)
-    out = out or cfg.out
+    run = RunDir(out or cfg.out)  # the run's one handle, from here down
     timings = {}
     t0 = time.perf_counter()
-    plan = plan_task(cfg, out)
+    plan = plan_task(cfg, run)
     timings["plan"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     results = vote_task(cfg, plan, ray_address, progress)
     timings["vote"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    quarantined = quarantined_counts(out)
+    quarantined = quarantined_counts(run)
     expected = {p: n - quarantined.get(p, 0) for p, n in plan.expected_images().items()}
-    aggregate_task(out, cfg.alpha, cfg.radii, expected, allow_partial, quarantined)
+    aggregate_task(run, cfg.alpha, cfg.radii, expected, allow_partial, quarantined)
     timings["aggregate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    report = report_task(out)
+    report = report_task(run)
     timings["report"] = time.perf_counter() - t0
-    create_markdown_artifact(report, key="densepure-report", description=f"certification report for {out}")
+    create_markdown_artifact(report, key="densepure-report", description=f"certification report for {run}")
     create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
                           key="densepure-stage-timings")
-    plot = storage.join(out, "certified_accuracy.png")
-    plot_url = plot if storage.is_s3(plot) else f"file://{os.path.abspath(plot)}"
+    plot_url = run.plot_uri if run.is_s3 else f"file://{os.path.abspath(run.plot_uri)}"
     create_image_artifact(image_url=plot_url, key="densepure-certified-accuracy",
                           description="certified accuracy vs L2 radius")
     return {
-        "out": out, "run_id": plan.run_id, "timings": timings, "report": report,
+        "out": run.root, "run_id": plan.run_id, "timings": timings, "report": report,
         "computed_shards": sum(not r.skipped for r in results), "skipped_shards": sum(r.skipped for r in results),
         "images": len(plan.records), "quarantined": sum(quarantined.values()),
     }

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import typer
 
-from flows.cli_models import register as _register_models  # (convert-adm, models fetch/list)
+from flows.cli_models import (
+    register as _register_models,  # (convert-adm, models fetch/list)
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Certified robustness of image classifiers with diffusion purification "
@@ -71,13 +73,14 @@ def _write_details(out: str, exc: BaseException) -> str | None:
     from datetime import datetime, timezone
 
     from tasks.common import storage
-    from tasks.common.layout import config_uri
+    from tasks.common.run_dir import RunDir
 
     try:
-        if not storage.exists(config_uri(out)):
+        run = RunDir(out)
+        if not run.exists(run.config_uri):
             return None
-        uri = storage.join(out, "logs", f"error-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}.log")
-        storage.write_text_atomic(uri, "".join(traceback.format_exception(exc)))
+        uri = storage.join(run.logs_dir, f"error-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}.log")
+        run.write_text(uri, "".join(traceback.format_exception(exc)))
         return uri
     except Exception:  # noqa: BLE001 - the details are a courtesy; the error line is what counts
         return None
@@ -90,7 +93,7 @@ def _fail_with_cause(exc: BaseException, out: str | None = None) -> None:
     is shown as its type and message, and its traceback goes to a log file under ``out`` (when
     OUT holds a run), named in the line.
     """
-    from tasks.certify.plan import PlanError
+    from tasks.common.planning import PlanError
 
     cause = _root_cause(exc)
     if isinstance(cause, (PlanError, ValueError, OSError, FloatingPointError)):
@@ -278,16 +281,10 @@ def sql(
 @app.command()
 def report(out: str = typer.Argument(..., help="A results directory or s3:// prefix.")):
     """Rebuild OUT/report.md (and, for a certification, the plot) from the stored results."""
-    from tasks.attack.summary import is_attack_out, write_attack_report
-    from tasks.certify.report import write_report
-    from tasks.train_addt.train import is_train_out
-    from tasks.train_addt.report import write_train_report
+    from tasks.reports import rebuild_report
 
     try:  # an empty, partial or foreign OUT ends as one error: line naming what to run first
-        if is_train_out(out):
-            typer.echo(write_train_report(out))
-        else:
-            typer.echo(write_attack_report(out) if is_attack_out(out) else write_report(out))
+        typer.echo(rebuild_report(out))
     except Exception as exc:  # noqa: BLE001
         _fail_with_cause(exc)
 

@@ -2,9 +2,7 @@
 
 The deployment ``report`` in prefect.yaml runs it (e.g. after a certify run on a cluster, or
 after changing the report's code); ``densepure report OUT`` does the same from the command line.
-Which report is written follows what OUT holds, as in the CLI: an ADDT training run
-(``train_metrics``), an attack evaluation (``attack_summary``) or a certification
-(``accuracy`` plus the certified-accuracy plot).
+Both call :func:`tasks.reports.rebuild_report`: which report is written follows what OUT holds.
 """
 
 from __future__ import annotations
@@ -12,23 +10,13 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-__all__ = ["report_flow", "rebuild_report"]
-
-
-def rebuild_report(out: str) -> str:
-    """Write OUT/report.md for the job whose results OUT holds; returns its Markdown."""
-    from tasks.attack.summary import is_attack_out, write_attack_report
-    from tasks.certify.report import write_report
-    from tasks.train_addt.train import is_train_out
-    from tasks.train_addt.report import write_train_report
-
-    if is_train_out(out):
-        return write_train_report(out)
-    return write_attack_report(out) if is_attack_out(out) else write_report(out)
+__all__ = ["report_flow"]
 
 
 @task(name="report")
 def report_task(out: str) -> str:
+    from tasks.reports import rebuild_report
+
     return rebuild_report(out)
 
 

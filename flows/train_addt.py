@@ -14,13 +14,24 @@ import time
 from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
-from densepure_core.config.addt import AddtConfig
 from densepure_core.config import load_config
-from tasks.train_addt.train import TrainPlan, TrainProgress, export_model, plan_training, run_training
+from densepure_core.config.addt import AddtConfig
+from tasks.common.run_dir import RunDir
 from tasks.train_addt.report import write_train_report
+from tasks.train_addt.train import (
+    TrainPlan,
+    TrainProgress,
+    export_model,
+    plan_training,
+    run_training,
+)
 
 __all__ = ["train_addt_flow", "train_addt_config_file", "run_train_addt_job", "TrainPrinter"]
 
@@ -49,8 +60,8 @@ class TrainPrinter:
 
 
 @task(name="plan-train-addt")
-def plan_task(cfg: AddtConfig, out: str) -> TrainPlan:
-    plan = plan_training(cfg, out)
+def plan_task(cfg: AddtConfig, run: RunDir) -> TrainPlan:
+    plan = plan_training(cfg, run)
     get_run_logger().info("plan: %s training images, %s steps of %s (resumed: %s)", len(plan.records), cfg.steps,
                           cfg.batch_size, plan.resumed)
     return plan
@@ -72,7 +83,7 @@ def train_task(cfg: AddtConfig, plan: TrainPlan, ray_address: str | None, progre
 @task(name="export-and-report")
 def export_task(cfg: AddtConfig, plan: TrainPlan, checkpoint: str, seconds: float) -> tuple[str, str]:
     model = export_model(cfg, plan, checkpoint, seconds)
-    return model, write_train_report(plan.out)
+    return model, write_train_report(plan.run)
 
 
 @flow(name="densepure-train-addt")
@@ -80,10 +91,10 @@ def train_addt_flow(config: dict, out: str | None = None, ray_address: str | Non
                     progress: bool = True) -> dict:
     """Fine-tune with ADDT per ``config``; returns the model's URI, the report and stage timings."""
     cfg = AddtConfig.model_validate(config)
-    out = out or cfg.out
+    run = RunDir(out or cfg.out)  # the run's one handle, from here down (the plan makes a local root absolute)
     timings = {}
     t0 = time.perf_counter()
-    plan = plan_task(cfg, out)
+    plan = plan_task(cfg, run)
     timings["plan"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     checkpoint = train_task(cfg, plan, ray_address, progress)
@@ -91,10 +102,10 @@ def train_addt_flow(config: dict, out: str | None = None, ray_address: str | Non
     t0 = time.perf_counter()
     model, report = export_task(cfg, plan, checkpoint, timings["train"])
     timings["export"] = time.perf_counter() - t0
-    create_markdown_artifact(report, key="densepure-train-addt-report", description=f"ADDT training report for {out}")
+    create_markdown_artifact(report, key="densepure-train-addt-report", description=f"ADDT training report for {plan.run}")
     create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
                           key="densepure-train-addt-stage-timings")
-    return {"out": plan.out, "run_id": plan.run_id, "model": model, "checkpoint": checkpoint, "timings": timings,
+    return {"out": plan.run.root, "run_id": plan.run_id, "model": model, "checkpoint": checkpoint, "timings": timings,
             "report": report}
 
 

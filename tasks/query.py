@@ -26,6 +26,7 @@ import duckdb
 
 from tasks.attack import views as attack_views
 from tasks.certify import views as certify_views
+from tasks.common.run_dir import RunDir
 from tasks.common.sql import QueryError
 from tasks.common.sql import connect as _connect
 from tasks.common.textfmt import FORMATS, format_rows
@@ -37,7 +38,7 @@ __all__ = ["QueryError", "connect", "run_query"]
 ALL_VIEWS = (certify_views.register, attack_views.register, train_views.register)
 
 
-def connect(out: str, *, alpha: float | None = None) -> duckdb.DuckDBPyConnection:
+def connect(out: "RunDir | str", *, alpha: float | None = None) -> duckdb.DuckDBPyConnection:
     """A read-only DuckDB connection on the results of OUT with every job's views.
 
     Args:
@@ -55,7 +56,7 @@ def connect(out: str, *, alpha: float | None = None) -> duckdb.DuckDBPyConnectio
     return _connect(out, ALL_VIEWS, alpha=alpha)
 
 
-def run_query(out: str, sql: str, *, alpha: float | None = None, fmt: str = "table") -> str:
+def run_query(out: "RunDir | str", sql: str, *, alpha: float | None = None, fmt: str = "table") -> str:
     """Run ``sql`` on :func:`connect` ``(out, alpha=alpha)`` and format the last result.
 
     Args:

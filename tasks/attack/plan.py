@@ -16,7 +16,6 @@ purifying defense.
 
 from __future__ import annotations
 
-import json
 import socket
 import uuid
 from dataclasses import dataclass
@@ -24,17 +23,23 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
 from densepure_core.config.attack import AttackConfig, DefenseConfig
 from densepure_core.data.sources import ImageRecord, enumerate_records, select_records
 from densepure_core.rng import STREAM_VERSION
-
-from tasks.common import storage
 from tasks.common.faults import fault_point
-from tasks.common.layout import attack_errors_uri, attack_shard_uri, config_uri, manifest_uri, run_uri
-from tasks.common.planning import (PlanError, check_files_exist, check_labels, differing_fields, library_versions,
-                                   local_model_dir, shard_positions, source_hashes, write_manifest)
+from tasks.common.planning import (
+    PlanError,
+    check_files_exist,
+    check_labels,
+    differing_fields,
+    library_versions,
+    local_model_dir,
+    shard_positions,
+    source_hashes,
+    write_manifest,
+)
+from tasks.common.run_dir import RunDir
 
 __all__ = ["AttackTask", "AttackPlan", "plan_attack", "load_attack_plan", "defense_t_star", "check_defenses"]
 
@@ -43,7 +48,7 @@ __all__ = ["AttackTask", "AttackPlan", "plan_attack", "load_attack_plan", "defen
 class AttackTask:
     """One unit of attack work: the images of one shard for one (defense, threat, attack)."""
 
-    out: str
+    run: RunDir
     run_id: str
     config_hash: str
     defense: str
@@ -54,16 +59,16 @@ class AttackTask:
 
     @property
     def uri(self) -> str:
-        return attack_shard_uri(self.out, self.defense, self.threat, self.attack, self.shard)
+        return self.run.attack_shard_uri(self.defense, self.threat, self.attack, self.shard)
 
     @property
     def errors_uri(self) -> str:
-        return attack_errors_uri(self.out, self.defense, self.threat, self.attack, self.shard)
+        return self.run.attack_errors_uri(self.defense, self.threat, self.attack, self.shard)
 
 
 @dataclass
 class AttackPlan:
-    out: str
+    run: RunDir
     run_id: str
     config_hash: str
     records: list[ImageRecord]
@@ -77,7 +82,7 @@ class AttackPlan:
         for shard_id, positions in enumerate(self.shards):
             recs = tuple(self.records[p] for p in positions)
             for d, t, a in self.partitions:
-                out.append(AttackTask(self.out, self.run_id, self.config_hash, d, t, a, shard_id, recs))
+                out.append(AttackTask(self.run, self.run_id, self.config_hash, d, t, a, shard_id, recs))
         return out
 
 
@@ -125,38 +130,39 @@ def check_defenses(cfg: AttackConfig) -> dict[str, int]:
     return out
 
 
-def load_attack_plan(out: str) -> AttackPlan | None:
+def load_attack_plan(out: RunDir | str) -> AttackPlan | None:
     """The attack plan stored in OUT, or None if OUT holds no complete plan."""
-    if not (storage.exists(run_uri(out)) and storage.exists(manifest_uri(out))):
+    run = RunDir.of(out)
+    if not (run.exists(run.run_uri) and run.exists(run.manifest_uri)):
         return None
-    run = json.loads(storage.read_text(run_uri(out)))
-    cols = pq.read_table(pa.BufferReader(storage.read_bytes(manifest_uri(out)))).to_pydict()
+    meta = run.read_run()
+    cols = pq.read_table(pa.BufferReader(run.read_bytes(run.manifest_uri))).to_pydict()
     records = [ImageRecord(i, u, int(lab)) for i, u, lab in zip(cols["image_id"], cols["uri"], cols["label"])]
-    return AttackPlan(out, run["run_id"], run["config_hash"], records, run["shards"],
-                      [tuple(p) for p in run["partitions"]], resumed=True)
+    return AttackPlan(run, meta["run_id"], meta["config_hash"], records, meta["shards"],
+                      [tuple(p) for p in meta["partitions"]], resumed=True)
 
 
-def _check_same_run(cfg: AttackConfig, out: str) -> None:
-    stored = yaml.safe_load(storage.read_text(config_uri(out))) or {}
+def _check_same_run(cfg: AttackConfig, run: RunDir) -> None:
+    stored = run.read_config() or {}
     if stored.get("job") != "attack":
-        raise PlanError(f"{out} holds a certification run (its config.yaml has no 'job: attack'); an attack "
+        raise PlanError(f"{run} holds a certification run (its config.yaml has no 'job: attack'); an attack "
                         f"evaluation needs its own OUT: choose another --out")
     stored_cfg = AttackConfig.model_validate(stored)
     if stored_cfg.config_hash() == cfg.config_hash():
         return
     diff = differing_fields(stored_cfg, cfg)
-    raise PlanError(f"{out} already holds an attack run with a different config (fields that differ: "
+    raise PlanError(f"{run} already holds an attack run with a different config (fields that differ: "
                     f"{', '.join(diff)}; stored config_hash {stored_cfg.config_hash()}, this one "
                     f"{cfg.config_hash()}). Results of different configs are never mixed: choose another --out, "
-                    f"or rerun with the stored config ({config_uri(out)}) to resume it.")
+                    f"or rerun with the stored config ({run.config_uri}) to resume it.")
 
 
-def plan_attack(cfg: AttackConfig, out: str | None = None) -> AttackPlan:
+def plan_attack(cfg: AttackConfig, out: RunDir | str | None = None) -> AttackPlan:
     """Make (or reload) the plan of ``cfg`` in ``out`` (default ``cfg.out``)."""
-    out = out or cfg.out
-    if storage.exists(config_uri(out)):
-        _check_same_run(cfg, out)
-        existing = load_attack_plan(out)
+    run = RunDir.of(out or cfg.out)
+    if run.exists(run.config_uri):
+        _check_same_run(cfg, run)
+        existing = load_attack_plan(run)
         if existing is not None:
             return existing
     t_stars = check_defenses(cfg)
@@ -174,16 +180,16 @@ def plan_attack(cfg: AttackConfig, out: str | None = None) -> AttackPlan:
     shards = shard_positions(len(chosen), cfg.shard_size)
     partitions = cfg.partitions()
     run_id = f"{cfg.run_name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    plan = AttackPlan(out, run_id, cfg.config_hash(), chosen, shards, partitions)
-    storage.write_text_atomic(config_uri(out), cfg.model_copy(update={"out": out}).to_yaml())
+    plan = AttackPlan(run, run_id, cfg.config_hash(), chosen, shards, partitions)
+    run.write_text(run.config_uri, cfg.model_copy(update={"out": run.root}).to_yaml())
     fault_point("plan:after-config")
-    write_manifest(out, chosen, cfg.shard_size)
+    write_manifest(run, chosen, cfg.shard_size)
     sources = {cfg.classifier.source} | ({cfg.diffusion.source} if cfg.diffusion else set())
-    run = {
+    meta = {
         "job": "attack", "run_id": run_id, "config_hash": plan.config_hash, "stream_version": STREAM_VERSION,
         "images": len(chosen), "shards": shards, "partitions": [list(p) for p in partitions], "t_star": t_stars,
         "model_hashes": source_hashes(sources), "host": socket.gethostname(),
         "created_at": datetime.now(timezone.utc).isoformat(), "versions": library_versions(),
     }
-    storage.write_text_atomic(run_uri(out), json.dumps(run, indent=2))
+    run.write_run(meta)
     return plan

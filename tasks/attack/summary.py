@@ -17,22 +17,18 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from tasks.common import storage
 from tasks.attack.summary_sql import CONFIDENCE, SUMMARY_SQL
-from tasks.common.layout import ATTACK_SUMMARY_SCHEMA, attack_files, report_uri, tables_uri
+from tasks.common.layout import ATTACK_SUMMARY_SCHEMA
+from tasks.common.run_dir import RunDir
 from tasks.common.textfmt import markdown_table
 
 __all__ = ["SUMMARY_SQL", "CONFIDENCE", "summary_table", "write_attack_report", "is_attack_out"]
 
-def is_attack_out(out: str) -> bool:
+def is_attack_out(out: RunDir | str) -> bool:
     """Whether OUT holds an attack evaluation (its config.yaml says ``job: attack``)."""
-    import yaml
-
-    uri = storage.join(out, "config.yaml")
-    if not storage.exists(uri):
-        return bool(attack_files(out))
-    data = yaml.safe_load(storage.read_text(uri)) or {}
-    return isinstance(data, dict) and data.get("job") == "attack"
+    run = RunDir.of(out)
+    job = run.job()
+    return bool(run.attack_files()) if job is None else job == "attack"
 
 
 def summary_table(con: duckdb.DuckDBPyConnection) -> pa.Table:
@@ -44,18 +40,19 @@ def _pct(v, lo, hi) -> str:
     return f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def write_attack_report(out: str, *, expected: dict | None = None) -> str:
+def write_attack_report(out: RunDir | str, *, expected: dict | None = None) -> str:
     """Publish ``tables/attack_summary.parquet`` and ``report.md`` of an attack OUT; return the report.
 
     Args:
-        out: the OUT root.
+        out: the OUT (a :class:`RunDir` or its root).
         expected: {(defense, threat, attack): planned images minus quarantined}, to flag partitions
             with missing rows (None: not checked).
     """
     from tasks.attack.views import connect
     from tasks.common.sql import has_view
 
-    con = connect(out)
+    run = RunDir.of(out)
+    con = connect(run)
     try:
         table = summary_table(con)
         quarantined = {}
@@ -68,7 +65,7 @@ def write_attack_report(out: str, *, expected: dict | None = None) -> str:
             FROM attacks GROUP BY ALL ORDER BY ALL""").fetchall()
     finally:
         con.close()
-    storage.write_parquet_atomic(tables_uri(out, "attack_summary.parquet"), table)
+    run.write_parquet(run.tables_uri("attack_summary.parquet"), table)
     rows = table.to_pylist()
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
@@ -107,5 +104,5 @@ def write_attack_report(out: str, *, expected: dict | None = None) -> str:
         lines += ["", "**Quarantined images** (see `densepure sql OUT \"SELECT * FROM errors\"`):", ""]
         lines += [f"- {k}: {v}" for k, v in sorted(quarantined.items())]
     text = "\n".join(lines) + "\n"
-    storage.write_text_atomic(report_uri(out), text)
+    run.write_text(run.report_uri, text)
     return text

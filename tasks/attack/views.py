@@ -5,27 +5,26 @@ intervals: :data:`tasks.attack.summary_sql.SUMMARY_SQL`)."""
 from __future__ import annotations
 
 import duckdb
-import fsspec
 
 from tasks.attack.summary_sql import SUMMARY_SQL
-from tasks.common import layout, storage
+from tasks.common import layout
+from tasks.common.run_dir import RunDir
 from tasks.common.sql import connect as _connect
 from tasks.common.sql import lazy_dataset
 
 __all__ = ["register", "connect"]
 
 
-def register(con: duckdb.DuckDBPyConnection, out: str, fs: fsspec.AbstractFileSystem,
-             alpha: float | None) -> list[str]:
+def register(con: duckdb.DuckDBPyConnection, run: RunDir, alpha: float | None) -> list[str]:
     """Register the attack views of OUT on ``con``; ``alpha`` concerns certification only."""
-    rows = layout.attack_files(out)
+    rows = run.attack_files()
     if not rows:
         return []
-    con.register("attacks", lazy_dataset(rows, fs, storage.is_s3(out), layout.ATTACKS_SCHEMA))
+    con.register("attacks", lazy_dataset(run, rows, layout.ATTACKS_SCHEMA))
     con.execute(f"CREATE VIEW attack_summary AS {SUMMARY_SQL}")
     return ["attacks", "attack_summary"]
 
 
-def connect(out: str) -> duckdb.DuckDBPyConnection:
+def connect(run: RunDir | str) -> duckdb.DuckDBPyConnection:
     """The read-only connection on an attack OUT with its views (and ``errors``)."""
-    return _connect(out, [register])
+    return _connect(run, [register])

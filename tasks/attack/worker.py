@@ -28,20 +28,32 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import torch
 
-from densepure_core.attack import AttackSpec, Defense, ThreatModel, eot_samples, perturbation_norms, predict, run_attack, score
-from densepure_core.config.attack import AttackConfig
+from densepure_core.attack import (
+    AttackSpec,
+    Defense,
+    ThreatModel,
+    eot_samples,
+    perturbation_norms,
+    predict,
+    run_attack,
+    score,
+)
 from densepure_core.config import resolve_source
+from densepure_core.config.attack import AttackConfig
 from densepure_core.data.sources import DatasetError, load_image
-
-from tasks.common import storage
 from tasks.attack.plan import AttackPlan, AttackTask, defense_t_star
-from tasks.common.quarantine import publish_shard_errors
 from tasks.common.faults import fault_point
 from tasks.common.layout import ATTACKS_SCHEMA
+from tasks.common.quarantine import publish_shard_errors
 from tasks.common.raypool import run_on_actors
 from tasks.common.shards import remove_stale_temporaries, shard_state
-from tasks.common.workers import BadInputError, check_image_fits, resolve_device, stopped_by_bad_input
 from tasks.common.worker_label import worker_label
+from tasks.common.workers import (
+    BadInputError,
+    check_image_fits,
+    resolve_device,
+    stopped_by_bad_input,
+)
 
 __all__ = ["AttackWorker", "AttackShardResult", "run_attack_stage"]
 
@@ -95,8 +107,8 @@ class AttackWorker:
 
     def _load_diffusion(self):
         if self._diffusion is None:
-            from densepure_core.models import load_diffusion
             from densepure_core.diffusion.schedule import DiffusionSchedule
+            from densepure_core.models import load_diffusion
 
             dm = load_diffusion(resolve_source(self.cfg.diffusion.source), device=self.device,
                                 allow_pickle=self.cfg.allow_pickle)
@@ -175,8 +187,8 @@ class AttackWorker:
         if records:
             rows = self._attack(task, defense, threat, spec, records, images)
         fault_point("attack:mid-shard")  # attacked in memory, nothing of the shard written
-        publish_shard_errors(task.errors_uri, errors)
-        storage.write_parquet_atomic(task.uri, pa.Table.from_pylist(rows, schema=ATTACKS_SCHEMA))
+        publish_shard_errors(task.run, task.errors_uri, errors)
+        task.run.write_parquet(task.uri, pa.Table.from_pylist(rows, schema=ATTACKS_SCHEMA))
         return AttackShardResult(task.defense, task.threat, task.attack, task.shard, len(rows), False,
                                  time.perf_counter() - start, self.worker, len(errors), reason)
 
@@ -228,9 +240,9 @@ class AttackWorker:
 def run_attack_stage(cfg: AttackConfig, plan: AttackPlan, *, ray_address: str | None = None,
                      on_result: Callable[[AttackShardResult], None] | None = None) -> list[AttackShardResult]:
     """Attack every missing shard of ``plan`` on Ray actors; one result per task (skipped ones too)."""
-    removed = remove_stale_temporaries(plan.out)
+    removed = remove_stale_temporaries(plan.run)
     if removed:
-        log.warning("removed %d temporary file(s) left by an interrupted write under %s", removed, plan.out)
+        log.warning("removed %d temporary file(s) left by an interrupted write under %s", removed, plan.run)
     results, todo = [], []
     for t in plan.tasks():
         complete, _, quarantined = shard_state(t)

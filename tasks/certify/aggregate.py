@@ -37,28 +37,26 @@ import duckdb
 import pyarrow as pa
 
 from densepure_core.certification.stats import ABSTAIN
-
-from tasks.common import storage
-from tasks.certify.aggregate_checks import AggregateError, PartitionSummary, _apply_expected, _apply_quarantined, check_votes
+from tasks.certify.aggregate_checks import (
+    AggregateError,
+    PartitionSummary,
+    _apply_expected,
+    _apply_quarantined,
+    check_votes,
+)
 from tasks.certify.aggregate_sql import (
     _certificates_from_base,
-    base_sql,
-    with_sampling_columns,
     accuracy_sql,
+    base_sql,
     certificates_sql,
     check_alpha,
     check_radii,
     votes_sql,
+    with_sampling_columns,
 )
 from tasks.common.faults import fault_point
-from tasks.common.layout import (
-    ACCURACY_SCHEMA,
-    CERTIFICATES_SCHEMA,
-    LayoutError,
-    tables_uri,
-    vote_files,
-    votes_dir,
-)
+from tasks.common.layout import ACCURACY_SCHEMA, CERTIFICATES_SCHEMA, LayoutError
+from tasks.common.run_dir import RunDir
 from tasks.common.sqlfuncs import register_udfs
 
 __all__ = [
@@ -81,7 +79,7 @@ class AggregateResult:
     """What :func:`aggregate` published, with the figures a caller logs.
 
     Attributes:
-        out: the OUT root.
+        out: the OUT root (:attr:`RunDir.root`).
         alpha: the alpha of every certificate.
         radii: the accuracy table's radius grid.
         partitions: one summary per (sigma, method) that has votes or was expected.
@@ -144,7 +142,7 @@ def build_tables(con: duckdb.DuckDBPyConnection, files: Sequence[str], *, alpha:
 
     Args:
         con: a DuckDB connection with file access.
-        files: vote files (:func:`tasks.common.layout.vote_files`), at least one.
+        files: vote files (:meth:`tasks.common.run_dir.RunDir.vote_files`), at least one.
         alpha: one-sided error level of CERTIFY, in (0, 1).
         radii: accuracy radius grid (default :data:`DEFAULT_RADII`).
         expected: ``{(sigma, method): images}`` the plan promised (None: not checked).
@@ -192,7 +190,7 @@ def build_tables(con: duckdb.DuckDBPyConnection, files: Sequence[str], *, alpha:
     return certificates, accuracy, parts
 
 
-def aggregate(out: str, *, alpha: float, radii: list[float] | None = None,
+def aggregate(out: RunDir | str, *, alpha: float, radii: list[float] | None = None,
               expected: dict[tuple[float, str], int] | None = None,
               allow_partial: bool = False,
               quarantined: dict[tuple[float, str], int] | None = None) -> AggregateResult:
@@ -205,7 +203,7 @@ def aggregate(out: str, *, alpha: float, radii: list[float] | None = None,
     arguments give byte-identical Parquet tables.
 
     Args:
-        out: the OUT root, a local path or ``s3://bucket/prefix``.
+        out: the OUT (a :class:`RunDir`, or its root: a local path or ``s3://bucket/prefix``).
         alpha: one-sided error level of CERTIFY, in (0, 1); e.g. 0.001.
         radii: the accuracy table's radius grid (default :data:`DEFAULT_RADII` of
             ``densepure_core.config``, the config's ``radii`` default).
@@ -230,20 +228,21 @@ def aggregate(out: str, *, alpha: float, radii: list[float] | None = None,
         ...               expected={(0.25, "dds"): 500}, allow_partial=False)  # doctest: +SKIP
     """
     start = time.perf_counter()
+    run = RunDir.of(out)
     timings: dict[str, float] = {}
     a = check_alpha(alpha)
     grid = check_radii(radii)
     try:
-        files = vote_files(out)
+        files = run.vote_files()
     except LayoutError as exc:
         raise AggregateError(str(exc)) from None
     if not files:
-        raise AggregateError(f"no vote files under {votes_dir(out)}: run the vote "
+        raise AggregateError(f"no vote files under {run.votes_dir}: run the vote "
                              "stage first (or check the OUT path)")
     con = duckdb.connect(":memory:")
     try:
-        if storage.is_s3(out):
-            con.register_filesystem(storage.split_uri(out)[0])
+        if run.is_s3:
+            con.register_filesystem(run.fs)
         certificates, accuracy, parts = build_tables(
             con, files, alpha=a, radii=grid, expected=expected, allow_partial=allow_partial,
             timings=timings)
@@ -262,18 +261,18 @@ def aggregate(out: str, *, alpha: float, radii: list[float] | None = None,
     parts = _apply_quarantined(parts, quarantined)
 
     t0 = time.perf_counter()
-    cert_uri, acc_uri = tables_uri(out, "certificates.parquet"), tables_uri(out, "accuracy.parquet")
-    summary_uri = tables_uri(out, "summary.json")
-    storage.write_parquet_atomic(cert_uri, certificates)
+    cert_uri, acc_uri = run.tables_uri("certificates.parquet"), run.tables_uri("accuracy.parquet")
+    summary_uri = run.tables_uri("summary.json")
+    run.write_parquet(cert_uri, certificates)
     fault_point("aggregate:after-certificates")
-    storage.write_parquet_atomic(acc_uri, accuracy)
+    run.write_parquet(acc_uri, accuracy)
     result = AggregateResult(
-        out=out, alpha=a, radii=grid, partitions=tuple(parts), files=len(files),
+        out=run.root, alpha=a, radii=grid, partitions=tuple(parts), files=len(files),
         images=sum(p.images for p in parts), missing=sum(p.missing for p in parts),
         seconds=0.0, certificates_uri=cert_uri, accuracy_uri=acc_uri, summary_uri=summary_uri,
         timings=timings)
     # summary.json last: its presence and timestamp say the two tables above are complete.
-    storage.write_bytes_atomic(summary_uri, _summary_json(result).encode("utf-8"))
+    run.write_bytes(summary_uri, _summary_json(result).encode("utf-8"))
     timings["write"] = time.perf_counter() - t0
     return replace(result, seconds=time.perf_counter() - start)
 

@@ -9,16 +9,14 @@ the plan promised. Each failure is an :class:`AggregateError` naming the data an
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-import json
-
 import duckdb
 
 from densepure_core.certification import sequential
-
 from tasks.common.layout import names, parse_vote_path
 
 __all__ = [

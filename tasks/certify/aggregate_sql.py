@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from densepure_core.config import DEFAULT_RADII
 from densepure_core.certification.sequential import FIXED_BOUND
 from densepure_core.certification.stats import ABSTAIN
+from densepure_core.config import DEFAULT_RADII
 
 __all__ = [
     "SAMPLING_DEFAULTS",
@@ -43,7 +43,7 @@ def votes_sql(files: Sequence[str], *, filename: bool = False) -> str:
     names instead.
 
     Args:
-        files: vote file URIs (see :func:`tasks.common.layout.vote_files`).
+        files: vote file URIs (see :meth:`tasks.common.run_dir.RunDir.vote_files`).
         filename: add DuckDB's ``filename`` column (for error messages and path checks).
     """
     if not files:

@@ -23,7 +23,6 @@ and ``run.json`` (``tables``), so both always say which alpha the published tabl
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -33,17 +32,25 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
 from densepure_core.config import CertifyConfig
 from densepure_core.data.sources import ImageRecord, enumerate_records, select_records
 from densepure_core.rng import STREAM_VERSION
-
-from tasks.common import storage
 from tasks.common.faults import fault_point
-from tasks.common.layout import config_uri, error_files, errors_uri, format_sigma, manifest_uri, run_uri, shard_uri, votes_dir
-from tasks.common.planning import (PlanError, check_files_exist, check_labels, differing_fields, library_versions,
-                                   local_model_dir, local_model_json, shard_positions, source_hashes, write_manifest)
+from tasks.common.layout import format_sigma
+from tasks.common.planning import (
+    PlanError,
+    check_files_exist,
+    check_labels,
+    differing_fields,
+    library_versions,
+    local_model_dir,
+    local_model_json,
+    shard_positions,
+    source_hashes,
+    write_manifest,
+)
+from tasks.common.run_dir import RunDir
 from tasks.common.workers import image_fit_problem
 
 __all__ = ["Plan", "ShardTask", "PlanError", "plan_run", "load_plan", "plan_summary", "record_published_tables"]
@@ -56,7 +63,7 @@ log = logging.getLogger("densepure.plan")
 class ShardTask:
     """One unit of vote work: the images of one shard for one (sigma, method) partition."""
 
-    out: str
+    run: RunDir
     run_id: str
     config_hash: str
     sigma: float
@@ -67,17 +74,17 @@ class ShardTask:
     @property
     def uri(self) -> str:
         """The shard's vote file."""
-        return shard_uri(self.out, self.sigma, self.method, self.shard)
+        return self.run.shard_uri(self.sigma, self.method, self.shard)
 
     @property
     def errors_uri(self) -> str:
         """The shard's errors file (quarantined images)."""
-        return errors_uri(self.out, self.sigma, self.method, self.shard)
+        return self.run.errors_uri(self.sigma, self.method, self.shard)
 
 
 @dataclass
 class Plan:
-    out: str
+    run: RunDir
     run_id: str
     config_hash: str
     num_classes: int | None  # classifier.num_classes; None: the classifier's output width
@@ -92,7 +99,7 @@ class Plan:
         for shard_id, positions in enumerate(self.shards):
             recs = tuple(self.records[p] for p in positions)
             for sigma, method in self.partitions:
-                out.append(ShardTask(self.out, self.run_id, self.config_hash, sigma, method, shard_id, recs))
+                out.append(ShardTask(self.run, self.run_id, self.config_hash, sigma, method, shard_id, recs))
         return out
 
     def expected_images(self) -> dict[tuple[float, str], int]:
@@ -173,36 +180,35 @@ def model_hashes(cfg: CertifyConfig) -> dict[str, dict[str, str]]:
     return source_hashes(sources)
 
 
-def load_plan(out: str) -> Plan | None:
+def load_plan(out: RunDir | str) -> Plan | None:
     """The plan stored in OUT, or None if OUT holds no complete plan."""
-    run_file, manifest_file = run_uri(out), manifest_uri(out)
-    if not (storage.exists(run_file) and storage.exists(manifest_file)):
+    run = RunDir.of(out)
+    if not (run.exists(run.run_uri) and run.exists(run.manifest_uri)):
         return None
-    run = json.loads(storage.read_text(run_file))
-    table = pq.read_table(pa.BufferReader(storage.read_bytes(manifest_file)))
+    meta = run.read_run()
+    table = pq.read_table(pa.BufferReader(run.read_bytes(run.manifest_uri)))
     cols = table.to_pydict()
     records = [ImageRecord(i, u, int(lab)) for i, u, lab in zip(cols["image_id"], cols["uri"], cols["label"])]
-    return Plan(out=out, run_id=run["run_id"], config_hash=run["config_hash"], num_classes=run["num_classes"],
-                records=records, shards=run["shards"],
-                partitions=[(float(s), m) for s, m in run["partitions"]], resumed=True)
+    return Plan(run=run, run_id=meta["run_id"], config_hash=meta["config_hash"], num_classes=meta["num_classes"],
+                records=records, shards=meta["shards"],
+                partitions=[(float(s), m) for s, m in meta["partitions"]], resumed=True)
 
 
-def _nothing_voted(out: str) -> bool:
+def _nothing_voted(run: RunDir) -> bool:
     """Whether OUT holds no vote and no errors file: nothing a new plan could contradict."""
-    return not storage.list_files(votes_dir(out), ".parquet") and not error_files(out)
+    return not run.list_files(run.votes_dir, ".parquet") and not run.error_files()
 
 
-def _check_same_job(out: str) -> None:
+def _check_same_job(run: RunDir) -> None:
     """Refuse an OUT that holds another job (an attack evaluation or a training)."""
-    stored = yaml.safe_load(storage.read_text(config_uri(out))) or {}
-    job = stored.get("job") if isinstance(stored, dict) else None
+    job = run.job()
     if job not in (None, "certify"):
         what = "an attack evaluation" if job == "attack" else f"a {job} run"
-        raise PlanError(f"{out} holds {what} (densepure {job}); a certification run needs its own "
+        raise PlanError(f"{run} holds {what} (densepure {job}); a certification run needs its own "
                         f"OUT: choose another --out")
 
 
-def _check_same_run(cfg: CertifyConfig, out: str) -> None:
+def _check_same_run(cfg: CertifyConfig, run: RunDir) -> None:
     """Refuse to resume OUT unless it holds the votes ``cfg`` would compute.
 
     Besides the config's votes fields, the noise streams must be the same version: an OUT
@@ -210,48 +216,47 @@ def _check_same_run(cfg: CertifyConfig, out: str) -> None:
     stored config's version-1 hash) drew its noise from 32-bit seeded generators, so its counts
     cannot be completed with new ones. Its results stay readable; the run is not resumed.
     """
-    _check_same_job(out)
-    stored_data = yaml.safe_load(storage.read_text(config_uri(out))) or {}
-    stored = CertifyConfig.model_validate(stored_data)
-    if storage.exists(run_uri(out)):  # absent: the plan was cut short before anything was voted
-        run = json.loads(storage.read_text(run_uri(out)))
-        recorded, version = run.get("config_hash"), run.get("stream_version")
+    _check_same_job(run)
+    stored = CertifyConfig.model_validate(run.read_config())
+    meta = run.read_run()
+    if meta is not None:  # absent: the plan was cut short before anything was voted
+        recorded, version = meta.get("config_hash"), meta.get("stream_version")
         if version is None and recorded is not None and recorded != stored.config_hash():
             version = next((v for v in range(1, STREAM_VERSION)
                             if stored.config_hash(stream_version=v) == recorded), None)
             version = STREAM_VERSION if version is None else version  # unknown: refused below
         if version is not None and version != STREAM_VERSION:
-            raise PlanError(f"{out} was voted with noise stream version {version} and this densepure draws "
+            raise PlanError(f"{run} was voted with noise stream version {version} and this densepure draws "
                             f"version {STREAM_VERSION} (field that differs: stream_version; version 1 seeded "
                             f"torch generators with only 32 of the seed's 63 bits). Its counts cannot be "
                             f"resumed or mixed with new ones: use a new --out (the old results stay readable "
                             f"with densepure sql/report).")
         if recorded is not None and recorded != stored.config_hash():
-            raise PlanError(f"{out}: run.json's config_hash {recorded} is not the hash of its config.yaml "
+            raise PlanError(f"{run}: run.json's config_hash {recorded} is not the hash of its config.yaml "
                             f"({stored.config_hash()}): written by another densepure version or edited. "
                             f"Results are never mixed: choose a new --out.")
     if stored.config_hash() == cfg.config_hash():
         return
     diff = differing_fields(stored, cfg)
-    raise PlanError(f"{out} already holds a run with a different config (fields that differ: {', '.join(diff)}; "
+    raise PlanError(f"{run} already holds a run with a different config (fields that differ: {', '.join(diff)}; "
                     f"stored config_hash {stored.config_hash()}, this one {cfg.config_hash()}). "
                     f"Results of different configs are never mixed: choose another --out, or rerun with the "
-                    f"stored config ({storage.join(out, 'config.yaml')}) to resume it.")
+                    f"stored config ({run.config_uri}) to resume it.")
 
 
-def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
+def plan_run(cfg: CertifyConfig, out: RunDir | str | None = None) -> Plan:
     """Make (or reload) the plan of ``cfg`` in ``out`` (default ``cfg.out``)."""
-    out = out or cfg.out
-    if storage.exists(config_uri(out)):
-        if _nothing_voted(out):
+    run = RunDir.of(out or cfg.out)
+    if run.exists(run.config_uri):
+        if _nothing_voted(run):
             # Only a plan: a failed run stopped before its first shard. The user's fix (a
             # corrected config, manifest or dataset) is planned afresh instead of being refused
             # as "a different config" or checked against the stale manifest.
-            _check_same_job(out)
-            log.warning("%s holds a plan but no votes yet: planning again from this config and dataset", out)
+            _check_same_job(run)
+            log.warning("%s holds a plan but no votes yet: planning again from this config and dataset", run)
         else:
-            _check_same_run(cfg, out)
-            existing = load_plan(out)
+            _check_same_run(cfg, run)
+            existing = load_plan(run)
             if existing is not None:
                 return existing
         # config.yaml written but the plan was interrupted before run.json: plan again below.
@@ -275,13 +280,13 @@ def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
     shards = shard_positions(len(chosen), cfg.shard_size)
     partitions = [(float(s), m.label) for s in cfg.sigmas for m in cfg.methods]
     run_id = f"{cfg.run_name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    plan = Plan(out, run_id, cfg.config_hash(), num_classes, chosen, shards, partitions)
+    plan = Plan(run, run_id, cfg.config_hash(), num_classes, chosen, shards, partitions)
 
     # config.yaml first: a process killed after it and before run.json re-plans identically.
-    storage.write_text_atomic(config_uri(out), cfg.model_copy(update={"out": out}).to_yaml())
+    run.write_text(run.config_uri, cfg.model_copy(update={"out": run.root}).to_yaml())
     fault_point("plan:after-config")
-    write_manifest(out, chosen, cfg.shard_size)
-    run = {
+    write_manifest(run, chosen, cfg.shard_size)
+    meta = {
         "run_id": run_id, "config_hash": plan.config_hash, "stream_version": STREAM_VERSION,
         "num_classes": num_classes, "images": len(chosen), "shards": shards, "partitions": [list(p) for p in partitions],
         "t_star": t_stars, "model_hashes": model_hashes(cfg),
@@ -289,7 +294,7 @@ def plan_run(cfg: CertifyConfig, out: str | None = None) -> Plan:
         "versions": library_versions(),
     }
     # run.json last: its presence marks a complete plan.
-    storage.write_text_atomic(run_uri(out), json.dumps(run, indent=2))
+    run.write_run(meta)
     return plan
 
 
@@ -298,7 +303,7 @@ def plan_summary(plan: Plan) -> dict:
             "partitions": len(plan.partitions), "resumed": plan.resumed}
 
 
-def record_published_tables(out: str, alpha: float, radii: list[float]) -> None:
+def record_published_tables(out: RunDir | str, alpha: float, radii: list[float]) -> None:
     """Write the alpha and radii of the tables just published into ``config.yaml`` and ``run.json``.
 
     A rerun with another alpha re-aggregates the same votes (alpha is no vote field, so the plan
@@ -307,13 +312,13 @@ def record_published_tables(out: str, alpha: float, radii: list[float]) -> None:
     resuming, stays as it was. ``run.json`` gains ``tables: {alpha, radii, published_at}``.
     Each file is rewritten atomically; OUTs without a plan (tables built by hand) are left alone.
     """
-    if not (storage.exists(config_uri(out)) and storage.exists(run_uri(out))):
+    run = RunDir.of(out)
+    config, meta = run.read_config(), run.read_run()
+    if config is None or meta is None:
         return
-    stored = CertifyConfig.model_validate(yaml.safe_load(storage.read_text(config_uri(out))))
+    stored = CertifyConfig.model_validate(config)
     if stored.alpha != alpha or stored.radii != list(radii):
-        storage.write_text_atomic(config_uri(out),
-                                  stored.model_copy(update={"alpha": alpha, "radii": list(radii)}).to_yaml())
-    run = json.loads(storage.read_text(run_uri(out)))
-    run["tables"] = {"alpha": alpha, "radii": list(radii),
-                     "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    storage.write_text_atomic(run_uri(out), json.dumps(run, indent=2))
+        run.write_text(run.config_uri, stored.model_copy(update={"alpha": alpha, "radii": list(radii)}).to_yaml())
+    meta["tables"] = {"alpha": alpha, "radii": list(radii),
+                      "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    run.write_run(meta)

@@ -29,11 +29,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.common import storage
 from tasks.certify.aggregate_sql import accuracy_sql
-from tasks.common.quarantine import quarantined_counts, read_errors
-from tasks.common.layout import config_uri, plot_uri, report_uri, run_uri, tables_uri, tsv_dir, tsv_name, votes_dir
 from tasks.certify.views import connect
+from tasks.common import storage
+from tasks.common.layout import tsv_name
+from tasks.common.quarantine import quarantined_counts, read_errors
+from tasks.common.run_dir import RunDir
 from tasks.common.sql import has_view
 from tasks.common.textfmt import markdown_table, text_table
 
@@ -117,23 +118,23 @@ def format_accuracy_table(accuracy_rows: Iterable[Mapping[str, Any]] | pa.Table)
 # report.md + plot
 # ------------------------------------------------------------------------------------------
 
-def _require_tables(out: str) -> None:
+def _require_tables(run: RunDir) -> None:
     for name in ("certificates.parquet", "accuracy.parquet"):
-        if not storage.exists(tables_uri(out, name)):
-            if not storage.exists(config_uri(out)):  # not even a plan: a wrong path, or nothing run
-                raise ReportError(f"{out} holds no densepure run (no config.yaml, no tables): check the "
+        if not run.exists(run.tables_uri(name)):
+            if not run.exists(run.config_uri):  # not even a plan: a wrong path, or nothing run
+                raise ReportError(f"{run} holds no densepure run (no config.yaml, no tables): check the "
                                   f"path, or certify into it first (`densepure certify --out` with this path)")
-            raise ReportError(f"{tables_uri(out, name)} does not exist: run the aggregate stage "
+            raise ReportError(f"{run.tables_uri(name)} does not exist: run the aggregate stage "
                               "first: rerun `densepure certify` with the run's config and --out "
                               "(it votes only what is missing, then publishes the tables and the "
                               "report); `densepure report OUT` rebuilds the report after that")
 
 
-def _read_summary(out: str) -> dict[str, Any] | None:
-    uri = tables_uri(out, "summary.json")
-    if not storage.exists(uri):
+def _read_summary(run: RunDir) -> dict[str, Any] | None:
+    uri = run.tables_uri("summary.json")
+    if not run.exists(uri):
         return None
-    return json.loads(storage.read_text(uri))
+    return json.loads(run.read_text(uri))
 
 
 def _num(v: Any, fmt: str) -> str:
@@ -149,7 +150,7 @@ def _human(v: float | None) -> str:
     return f"{v:.3g}"
 
 
-def write_report(out: str, *, title: str | None = None) -> str:
+def write_report(out: RunDir | str, *, title: str | None = None) -> str:
     """Write ``OUT/report.md`` and ``OUT/certified_accuracy.png``; return the markdown.
 
     The report holds: alpha, run and config ids; the certified accuracy (%) per sigma and
@@ -158,7 +159,7 @@ def write_report(out: str, *, title: str | None = None) -> str:
     calls and seconds per image from the votes; a warning when images are missing; the plot.
 
     Args:
-        out: the OUT root (local or ``s3://``), with published tables.
+        out: the OUT (a :class:`RunDir` or its root, local or ``s3://``), with published tables.
         title: the report's first heading (default "Certification report").
 
     Returns:
@@ -167,9 +168,10 @@ def write_report(out: str, *, title: str | None = None) -> str:
     Raises:
         ReportError: the tables have not been published yet.
     """
-    _require_tables(out)
-    summary = _read_summary(out)
-    con = connect(out)
+    run = RunDir.of(out)
+    _require_tables(run)
+    summary = _read_summary(run)
+    con = connect(run)
     try:
         has_votes = has_view(con, "votes")
         acc_rows = con.sql(accuracy_sql(REPORT_RADII, "certificates")).to_arrow_table()
@@ -200,12 +202,12 @@ def write_report(out: str, *, title: str | None = None) -> str:
     alphas, runs = meta
     if not alphas and summary:  # no certificates: the tables' alpha and the plan's run
         alphas = [summary["alpha"]]
-    if not runs and storage.exists(run_uri(out)):
-        runs = [json.loads(storage.read_text(run_uri(out)))["run_id"]]
+    if not runs and run.exists(run.run_uri):
+        runs = [run.read_run()["run_id"]]
     missing_parts = [p for p in (summary or {}).get("partitions", []) if p.get("missing")]
     expected = {(p["sigma"], p["method"]): p for p in (summary or {}).get("partitions", [])}
     lines = [f"# {title or 'Certification report'}", ""]
-    lines.append(f"- OUT: `{out}`")
+    lines.append(f"- OUT: `{run}`")
     lines.append(f"- run: {', '.join(f'`{r}`' for r in runs) or '-'}")
     lines.append(f"- alpha: {', '.join(f'{a:g}' for a in alphas)} (one-sided Clopper-Pearson, "
                  "CERTIFY of Cohen et al. 2019)")
@@ -226,8 +228,8 @@ def write_report(out: str, *, title: str | None = None) -> str:
                          f"{p['expected']} images ({p['missing']} missing)")
         lines.append("")
 
-    quarantined = read_errors(out).select(["sigma", "method", "image_id", "error_type", "error"]).to_pylist()
-    per_part = quarantined_counts(out)
+    quarantined = read_errors(run).select(["sigma", "method", "image_id", "error_type", "error"]).to_pylist()
+    per_part = quarantined_counts(run)
     if quarantined:
         lines.append(f"> **{len(quarantined)} image(s) quarantined** (on_bad_input: quarantine): not certified, "
                      "not counted in the accuracy below; `densepure sql OUT \"SELECT * FROM errors\"` lists them:")
@@ -277,8 +279,8 @@ def write_report(out: str, *, title: str | None = None) -> str:
               "(certified_accuracy.png)", ""]
     markdown = "\n".join(lines)
 
-    storage.write_bytes_atomic(plot_uri(out), _plot(curves, title or "Certified accuracy"))
-    storage.write_bytes_atomic(report_uri(out), markdown.encode("utf-8"))
+    run.write_bytes(run.plot_uri, _plot(curves, title or "Certified accuracy"))
+    run.write_bytes(run.report_uri, markdown.encode("utf-8"))
     return markdown
 
 
@@ -343,7 +345,7 @@ def _plot(curves, title: str) -> bytes:
 # TSV export
 # ------------------------------------------------------------------------------------------
 
-def export_tsv(out: str, dest: str | None = None) -> list[str]:
+def export_tsv(out: RunDir | str, dest: str | None = None) -> list[str]:
     """Write Cohen-style result files, one per (sigma, method); return their URIs.
 
     Each file starts with the header ``idx label predict radius correct time`` (tabs) and has
@@ -355,7 +357,7 @@ def export_tsv(out: str, dest: str | None = None) -> list[str]:
     files unchanged.
 
     Args:
-        out: the OUT root (local or ``s3://``), with published tables and the votes.
+        out: the OUT (a :class:`RunDir` or its root, local or ``s3://``), with published tables and the votes.
         dest: destination directory (local or ``s3://``); default ``OUT/tsv``.
 
     Returns:
@@ -365,13 +367,14 @@ def export_tsv(out: str, dest: str | None = None) -> list[str]:
         ReportError: tables not published, or an image_id contains a tab or newline (the TSV
             would be unreadable).
     """
-    _require_tables(out)
-    dest = dest or tsv_dir(out)
-    con = connect(out)
+    run = RunDir.of(out)
+    _require_tables(run)
+    dest = dest or run.tsv_dir
+    con = connect(run)
     try:
         has_votes = has_view(con, "votes")
         if not has_votes:
-            raise ReportError(f"no vote files under {votes_dir(out)}: the TSV 'time' "
+            raise ReportError(f"no vote files under {run.votes_dir}: the TSV 'time' "
                               "column comes from the votes")
         bad = con.sql(r"""
             SELECT image_id FROM certificates

@@ -13,19 +13,18 @@ from __future__ import annotations
 import posixpath
 
 import duckdb
-import fsspec
 
 from tasks.certify import aggregate as agg
 from tasks.certify.aggregate_sql import check_alpha
-from tasks.common import layout, storage
+from tasks.common import layout
+from tasks.common.run_dir import RunDir
 from tasks.common.sql import QueryError, lazy_dataset
 from tasks.common.sql import connect as _connect
 
 __all__ = ["register", "connect"]
 
 
-def register(con: duckdb.DuckDBPyConnection, out: str, fs: fsspec.AbstractFileSystem,
-             alpha: float | None) -> list[str]:
+def register(con: duckdb.DuckDBPyConnection, run: RunDir, alpha: float | None) -> list[str]:
     """Register the certification views of OUT on ``con`` (see the module docstring).
 
     Raises:
@@ -34,31 +33,30 @@ def register(con: duckdb.DuckDBPyConnection, out: str, fs: fsspec.AbstractFileSy
     """
     if alpha is not None:
         alpha = check_alpha(alpha)
-    s3 = storage.is_s3(out)
-    files = layout.vote_files(out)
-    cert_uri = layout.tables_uri(out, "certificates.parquet")
-    acc_uri = layout.tables_uri(out, "accuracy.parquet")
+    files = run.vote_files()
+    cert_uri = run.tables_uri("certificates.parquet")
+    acc_uri = run.tables_uri("accuracy.parquet")
     # One listing instead of one existence check per table: each is a round trip on S3.
-    published = {posixpath.basename(u) for u in storage.list_files(layout.tables_dir(out), ".parquet")}
+    published = {posixpath.basename(u) for u in run.list_files(run.tables_dir, ".parquet")}
     have_tables = {"certificates.parquet", "accuracy.parquet"} <= published
     if alpha is not None and not files:
         raise QueryError(f"alpha={alpha!r} re-certifies from the votes, but there are no vote "
-                         f"files under {layout.votes_dir(out)}: check the OUT path")
+                         f"files under {run.votes_dir}: check the OUT path")
     names = []
     if files:
-        con.register("votes", lazy_dataset(files, fs, s3, layout.VOTES_SCHEMA))
+        con.register("votes", lazy_dataset(run, files, layout.VOTES_SCHEMA))
         names.append("votes")
     if alpha is not None:
         radii = None
         if have_tables:  # keep the published grid, so the two tables compare row by row
-            acc = lazy_dataset([acc_uri], fs, s3).to_table(columns=["radius"])
+            acc = lazy_dataset(run, [acc_uri]).to_table(columns=["radius"])
             radii = sorted(set(acc.column("radius").to_pylist())) or None
         # A scratch connection keeps its temp tables away from the user's session, where
         # they would be writable.
         scratch = duckdb.connect(":memory:")
         try:
-            if s3:
-                scratch.register_filesystem(fs)
+            if run.is_s3:
+                scratch.register_filesystem(run.fs)
             certificates, accuracy, _ = agg.build_tables(scratch, files, alpha=alpha, radii=radii)
         finally:
             scratch.close()
@@ -66,12 +64,12 @@ def register(con: duckdb.DuckDBPyConnection, out: str, fs: fsspec.AbstractFileSy
         con.register("accuracy", accuracy)
         names += ["certificates", "accuracy"]
     elif have_tables:
-        con.register("certificates", lazy_dataset([cert_uri], fs, s3))
-        con.register("accuracy", lazy_dataset([acc_uri], fs, s3))
+        con.register("certificates", lazy_dataset(run, [cert_uri]))
+        con.register("accuracy", lazy_dataset(run, [acc_uri]))
         names += ["certificates", "accuracy"]
     return names
 
 
-def connect(out: str) -> duckdb.DuckDBPyConnection:
+def connect(run: RunDir | str) -> duckdb.DuckDBPyConnection:
     """The read-only connection on a certification OUT with its views (and ``errors``)."""
-    return _connect(out, [register])
+    return _connect(run, [register])

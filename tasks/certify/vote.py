@@ -23,21 +23,29 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import torch
 
+from densepure_core.certification.sequential import FIXED_BOUND
 from densepure_core.config import CertifyConfig, MethodConfig, resolve_source
 from densepure_core.data.sources import DatasetError, load_image
-from densepure_core.certification.sequential import FIXED_BOUND
-from densepure_core.smoothing import AdaptivePlan, EngineOptions, SmoothedBaseClassifier, prefetch
-
-from tasks.common import storage
-from tasks.common.quarantine import publish_shard_errors
-from tasks.common.faults import fault_point
-from tasks.common.layout import VOTES_SCHEMA, error_files
+from densepure_core.smoothing import (
+    AdaptivePlan,
+    EngineOptions,
+    SmoothedBaseClassifier,
+    prefetch,
+)
 from tasks.certify.plan import Plan, ShardTask
+from tasks.common.faults import fault_point
+from tasks.common.layout import VOTES_SCHEMA
 from tasks.common.planning import check_labels
-from tasks.common.workers import BadInputError, check_image_fits, resolve_device, stopped_by_bad_input
+from tasks.common.quarantine import publish_shard_errors
 from tasks.common.raypool import run_on_actors
 from tasks.common.shards import remove_stale_temporaries, shard_state
 from tasks.common.worker_label import worker_label
+from tasks.common.workers import (
+    BadInputError,
+    check_image_fits,
+    resolve_device,
+    stopped_by_bad_input,
+)
 
 __all__ = ["VoteWorker", "ShardResult", "shard_is_complete", "remove_stale_temporaries", "run_vote_stage",
            "PURIFIER_KIND"]
@@ -76,7 +84,7 @@ def shard_is_complete(task: ShardTask) -> tuple[bool, str]:
 def _drop_stale_errors(task: ShardTask) -> None:
     """A complete shard whose votes hold every image has no quarantined image: delete an errors
     file an earlier computation left (OUTs written before recomputations replaced it)."""
-    if storage.remove(task.errors_uri):
+    if task.run.remove(task.errors_uri):
         log.warning("shard %s: removed the errors file of an earlier computation (%s); its images "
                     "are all voted now", task.uri, task.errors_uri)
 
@@ -109,8 +117,8 @@ class VoteWorker:
     # -- models, loaded once --------------------------------------------------------------
     def _load_diffusion(self):
         if self._diffusion is None:
-            from densepure_core.models import load_diffusion
             from densepure_core.diffusion.schedule import DiffusionSchedule
+            from densepure_core.models import load_diffusion
 
             self._diffusion = load_diffusion(resolve_source(self.cfg.diffusion.source), device=self.device,
                                              allow_pickle=self.cfg.allow_pickle)
@@ -239,8 +247,8 @@ class VoteWorker:
         # The errors file first: the votes file marks the shard complete (shard_is_complete). A
         # recomputation replaces (or, with no bad image now, deletes) an earlier computation's
         # errors file, so a fixed image is neither reported nor subtracted from the expected count.
-        publish_shard_errors(task.errors_uri, errors)
-        storage.write_parquet_atomic(task.uri, pa.Table.from_pylist(rows, schema=VOTES_SCHEMA))
+        publish_shard_errors(task.run, task.errors_uri, errors)
+        task.run.write_parquet(task.uri, pa.Table.from_pylist(rows, schema=VOTES_SCHEMA))
         return ShardResult(task.sigma, task.method, task.shard, len(rows), False, time.perf_counter() - start,
                            unet, clf, self.worker, reason, quarantined=len(errors))
 
@@ -258,13 +266,13 @@ def run_vote_stage(cfg: CertifyConfig, plan: Plan, *, ray_address: str | None = 
     existing cluster instead. A killed actor is restarted and its task retried by Ray
     (:func:`tasks.common.raypool.run_on_actors`).
     """
-    removed = remove_stale_temporaries(plan.out)
+    removed = remove_stale_temporaries(plan.run)
     if removed:
-        log.warning("removed %d temporary file(s) left by an interrupted write under %s", removed, plan.out)
+        log.warning("removed %d temporary file(s) left by an interrupted write under %s", removed, plan.run)
     tasks = plan.tasks()
     results: list[ShardResult] = []
     todo = []
-    any_errors = bool(error_files(plan.out))  # one listing; no per-shard check without errors
+    any_errors = bool(plan.run.error_files())  # one listing; no per-shard check without errors
     for t in tasks:  # complete shards are skipped without starting any worker
         complete, _, quarantined = shard_state(t)
         if complete and any_errors and not quarantined:

@@ -1,30 +1,13 @@
-"""The layout of OUT and the Parquet schemas of its files: the data contract (docs/schema.md).
+"""The Parquet schemas of OUT's files and the pieces of its path formats: the data contract
+(docs/schema.md).
 
-Every stage takes paths and schemas from here and nowhere else, so the vote stage (which
-writes the votes and errors files) and the aggregate stage (which reads them) never depend on
-each other::
+The paths themselves are methods of :class:`tasks.common.run_dir.RunDir` (its docstring draws the
+whole tree); this module holds what they and the readers share: the schemas, ``<s>`` of a path
+(:func:`format_sigma`), parsing a vote file's path, and the names of files in messages. So the
+vote stage (which writes the votes and errors files) and the aggregate stage (which reads them)
+never depend on each other.
 
-    OUT/
-      config.yaml, manifest.parquet, run.json          the plan
-      votes/sigma=<s>/method=<m>/shard=<id>.parquet    VOTES_SCHEMA, one row per image
-      errors/sigma=<s>/method=<m>/shard=<id>.parquet   ERRORS_SCHEMA, quarantined images
-      tables/certificates.parquet                      CERTIFICATES_SCHEMA
-      tables/accuracy.parquet                          ACCURACY_SCHEMA
-      tables/summary.json
-      report.md, certified_accuracy.png
-      tsv/sigma=<s>_method=<m>.tsv
-
-    OUT/  (an attack evaluation, ``densepure attack``: config.yaml says ``job: attack``)
-      config.yaml, manifest.parquet, run.json                              the plan
-      attacks/defense=<d>/threat=<t>/attack=<a>/shard=<id>.parquet         ATTACKS_SCHEMA
-      attack_errors/defense=<d>/threat=<t>/attack=<a>/shard=<id>.parquet   ERRORS_SCHEMA
-      tables/attack_summary.parquet                                       ATTACK_SUMMARY_SCHEMA
-      report.md
-
-``<s>`` is :func:`format_sigma` (``repr(float(sigma))``), ``<m>`` the method's name verbatim,
-``<id>`` the shard number zero-padded to 5 digits.
-
-Imports only :mod:`tasks.common.storage`: a leaf of the stage layer.
+Imports nothing of the project: a leaf of the stage layer.
 """
 
 from __future__ import annotations
@@ -34,17 +17,10 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from tasks.common import storage
-
 __all__ = [
-    "VOTES_SCHEMA", "CERTIFICATES_SCHEMA", "ACCURACY_SCHEMA", "ERRORS_SCHEMA", "LayoutError",
-    "format_sigma", "shard_uri", "errors_uri", "tables_dir", "tables_uri", "votes_dir", "errors_dir",
-    "parse_vote_path", "vote_files", "error_files", "tsv_name", "config_uri", "manifest_uri",
-    "run_uri", "report_uri", "plot_uri", "tsv_dir", "names",
-    "ATTACKS_SCHEMA", "ATTACK_SUMMARY_SCHEMA", "attacks_dir", "attack_errors_dir", "attack_shard_uri",
-    "attack_errors_uri", "attack_files", "attack_error_files",
-    "TRAIN_METRICS_SCHEMA", "train_dir", "checkpoint_name", "model_dir", "metrics_dir", "metrics_uri",
-    "metrics_files",
+    "VOTES_SCHEMA", "CERTIFICATES_SCHEMA", "ACCURACY_SCHEMA", "ERRORS_SCHEMA", "ATTACKS_SCHEMA",
+    "ATTACK_SUMMARY_SCHEMA", "TRAIN_METRICS_SCHEMA", "LayoutError", "format_sigma", "parse_vote_path",
+    "tsv_name", "checkpoint_name", "names",
 ]
 
 # ------------------------------------------------------------------------------------------
@@ -204,69 +180,9 @@ def format_sigma(sigma: float) -> str:
     return repr(float(sigma))
 
 
-def _partition(root: str, sigma: float, method: str, shard: int) -> str:
-    return storage.join(root, f"sigma={format_sigma(sigma)}", f"method={method}",
-                        f"shard={int(shard):05d}.parquet")
-
-
-def votes_dir(out: str) -> str:
-    """``OUT/votes``."""
-    return storage.join(out, "votes")
-
-
-def errors_dir(out: str) -> str:
-    """``OUT/errors``."""
-    return storage.join(out, "errors")
-
-
-def shard_uri(out: str, sigma: float, method: str, shard: int) -> str:
-    """``OUT/votes/sigma=<s>/method=<m>/shard=<id>.parquet``: one shard's votes."""
-    return _partition(votes_dir(out), sigma, method, shard)
-
-
-def errors_uri(out: str, sigma: float, method: str, shard: int) -> str:
-    """``OUT/errors/sigma=<s>/method=<m>/shard=<id>.parquet``: one shard's quarantined images."""
-    return _partition(errors_dir(out), sigma, method, shard)
-
-
-def attacks_dir(out: str) -> str:
-    """``OUT/attacks``."""
-    return storage.join(out, "attacks")
-
-
-def attack_errors_dir(out: str) -> str:
-    """``OUT/attack_errors``."""
-    return storage.join(out, "attack_errors")
-
-
-def _attack_partition(root: str, defense: str, threat: str, attack: str, shard: int) -> str:
-    return storage.join(root, f"defense={defense}", f"threat={threat}", f"attack={attack}",
-                        f"shard={int(shard):05d}.parquet")
-
-
-def attack_shard_uri(out: str, defense: str, threat: str, attack: str, shard: int) -> str:
-    """``OUT/attacks/defense=<d>/threat=<t>/attack=<a>/shard=<id>.parquet``: one shard's rows."""
-    return _attack_partition(attacks_dir(out), defense, threat, attack, shard)
-
-
-def attack_errors_uri(out: str, defense: str, threat: str, attack: str, shard: int) -> str:
-    """``OUT/attack_errors/defense=<d>/threat=<t>/attack=<a>/shard=<id>.parquet``: its quarantined images."""
-    return _attack_partition(attack_errors_dir(out), defense, threat, attack, shard)
-
-
-def attack_files(out: str) -> list[str]:
-    """Every attack shard under ``OUT/attacks``, sorted ([] when there are none)."""
-    return storage.list_files(attacks_dir(out), ".parquet")
-
-
-def attack_error_files(out: str) -> list[str]:
-    """Every errors file under ``OUT/attack_errors``, sorted."""
-    return storage.list_files(attack_errors_dir(out), ".parquet")
-
-
-def train_dir(out: str) -> str:
-    """``OUT/train``: Ray Train's run folder (checkpoints ``step-<N>/``, its snapshot)."""
-    return storage.join(out, "train")
+def tsv_name(sigma: float, method: str) -> str:
+    """The export file name of one partition: ``sigma=<s>_method=<m>.tsv``."""
+    return f"sigma={format_sigma(sigma)}_method={method}.tsv"
 
 
 def checkpoint_name(step: int) -> str:
@@ -274,96 +190,10 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def model_dir(out: str) -> str:
-    """``OUT/model``: the fine-tuned model (EMA weights), a diffusers DDPMPipeline folder."""
-    return storage.join(out, "model")
-
-
-def metrics_dir(out: str) -> str:
-    return storage.join(out, "metrics")
-
-
-def metrics_uri(out: str, first: int, last: int) -> str:
-    """``OUT/metrics/steps=<first>-<last>.parquet``: the metrics of steps first..last."""
-    return storage.join(metrics_dir(out), f"steps={first:06d}-{last:06d}.parquet")
-
-
-def metrics_files(out: str) -> list[str]:
-    """Every training-metrics file under ``OUT/metrics``, sorted."""
-    return storage.list_files(metrics_dir(out), ".parquet")
-
-
-def tables_dir(out: str) -> str:
-    """``OUT/tables``."""
-    return storage.join(out, "tables")
-
-
-def tables_uri(out: str, name: str) -> str:
-    """``OUT/tables/<name>`` (``certificates.parquet``, ``accuracy.parquet``, ``summary.json``)."""
-    return storage.join(tables_dir(out), name)
-
-
-def config_uri(out: str) -> str:
-    return storage.join(out, "config.yaml")
-
-
-def manifest_uri(out: str) -> str:
-    return storage.join(out, "manifest.parquet")
-
-
-def run_uri(out: str) -> str:
-    return storage.join(out, "run.json")
-
-
-def report_uri(out: str) -> str:
-    return storage.join(out, "report.md")
-
-
-def plot_uri(out: str) -> str:
-    return storage.join(out, "certified_accuracy.png")
-
-
-def tsv_dir(out: str) -> str:
-    return storage.join(out, "tsv")
-
-
-def tsv_name(sigma: float, method: str) -> str:
-    """The export file name of one partition: ``sigma=<s>_method=<m>.tsv``."""
-    return f"sigma={format_sigma(sigma)}_method={method}.tsv"
-
-
 def parse_vote_path(uri: str) -> tuple[str, str, int] | None:
     """``(<s>, <m>, shard)`` of a vote file's path, or None when it is outside the layout."""
     m = _VOTE_PATH.search(uri.replace("\\", "/"))
     return (m.group(1), m.group(2), int(m.group(3))) if m else None
-
-
-def vote_files(out: str) -> list[str]:
-    """Every vote shard under ``OUT/votes`` in the layout of the data contract, sorted.
-
-    Args:
-        out: the OUT root, a local path or an ``s3://`` URI.
-
-    Returns:
-        File URIs (``s3://...`` for S3, absolute paths locally); [] when there are none.
-
-    Raises:
-        LayoutError: a ``.parquet`` file under ``OUT/votes`` is outside the layout, so it
-            would be silently ignored (or silently read) otherwise.
-    """
-    files = storage.list_files(votes_dir(out), ".parquet")
-    stray = [f for f in files if parse_vote_path(f) is None]
-    if stray:
-        raise LayoutError(
-            f"{len(stray)} Parquet file(s) under {votes_dir(out)} are not in the "
-            f"layout votes/sigma=<s>/method=<m>/shard=<id>.parquet: {names(stray)}. Move them "
-            "out of OUT/votes (aggregate reads every vote shard and nothing else).")
-    return files
-
-
-def error_files(out: str) -> list[str]:
-    """Every errors file under ``OUT/errors``, sorted ([] when no image was quarantined)."""
-    return storage.list_files(errors_dir(out), ".parquet")
 
 
 def names(items: Sequence[str], total: int | None = None) -> str:

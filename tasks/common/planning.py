@@ -16,8 +16,7 @@ import pyarrow as pa
 
 from densepure_core.config import resolve_source
 from densepure_core.data.sources import missing_files
-from tasks.common import storage
-from tasks.common.layout import manifest_uri
+from tasks.common.run_dir import RunDir
 
 __all__ = ["PlanError", "library_versions", "local_model_dir", "local_model_json", "source_hashes",
            "differing_fields", "shard_positions", "write_manifest", "check_files_exist", "check_labels"]
@@ -92,7 +91,7 @@ def shard_positions(images: int, shard_size: int) -> list[list[int]]:
     return [list(range(i, min(i + shard_size, images))) for i in range(0, images, shard_size)]
 
 
-def write_manifest(out: str, chosen, shard_size: int) -> None:
+def write_manifest(run: RunDir, chosen, shard_size: int) -> None:
     """Publish ``OUT/manifest.parquet``: position, image_id, uri, label, shard of every chosen image."""
     manifest = pa.table({
         "position": pa.array(range(len(chosen)), pa.int32()),
@@ -101,7 +100,7 @@ def write_manifest(out: str, chosen, shard_size: int) -> None:
         "label": pa.array([r.label for r in chosen], pa.int32()),
         "shard": pa.array([p // shard_size for p in range(len(chosen))], pa.int32()),
     })
-    storage.write_parquet_atomic(manifest_uri(out), manifest)
+    run.write_parquet(run.manifest_uri, manifest)
 
 
 def check_files_exist(records, on_bad_input: str) -> None:

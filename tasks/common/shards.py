@@ -14,15 +14,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.common import storage
+from tasks.common.run_dir import RunDir
 
 __all__ = ["shard_state", "read_ids", "remove_stale_temporaries"]
 
 
-def read_ids(uri: str, config_hash: str) -> tuple[list[str] | None, str]:
+def read_ids(run: RunDir, uri: str, config_hash: str) -> tuple[list[str] | None, str]:
     """Image ids of a shard-level file written for ``config_hash``, or (None, why not)."""
     try:
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=["config_hash", "image_id"])
+        table = pq.read_table(pa.BufferReader(run.read_bytes(uri)), columns=["config_hash", "image_id"])
     except FileNotFoundError:
         return None, "missing"
     except Exception as exc:  # truncated or corrupt Parquet, unreadable object
@@ -36,19 +36,20 @@ def read_ids(uri: str, config_hash: str) -> tuple[list[str] | None, str]:
 def shard_state(task: Any) -> tuple[bool, str, int]:
     """(complete, reason, quarantined images) of a shard task.
 
-    ``task`` has ``uri`` (the shard's rows), ``errors_uri`` (its quarantined images),
-    ``config_hash`` and ``records`` (the planned images): a vote or an attack shard. It is
+    ``task`` has ``run`` (its :class:`RunDir`), ``uri`` (the shard's rows), ``errors_uri`` (its
+    quarantined images), ``config_hash`` and ``records`` (the planned images): a vote or an attack
+    shard. It is
     complete when its rows and quarantined images are exactly the planned images, written by
     this config; a missing file is (False, "", 0), a truncated or foreign one (False, why, 0).
     """
-    if not storage.exists(task.uri):
+    if not task.run.exists(task.uri):
         return False, "", 0
-    ids, why = read_ids(task.uri, task.config_hash)
+    ids, why = read_ids(task.run, task.uri, task.config_hash)
     if ids is None:
         return False, why, 0
     quarantined: list[str] = []
     if len(ids) < len(task.records):  # the rest may have been quarantined
-        quarantined, why = read_ids(task.errors_uri, task.config_hash)
+        quarantined, why = read_ids(task.run, task.errors_uri, task.config_hash)
         quarantined = quarantined or []
     got = ids + quarantined
     if sorted(got) != sorted(r.image_id for r in task.records) or len(got) != len(task.records):
@@ -56,16 +57,16 @@ def shard_state(task: Any) -> tuple[bool, str, int]:
     return True, "", len(quarantined)
 
 
-def remove_stale_temporaries(out: str) -> int:
+def remove_stale_temporaries(run: RunDir) -> int:
     """Delete the hidden ``.name.tmp-*`` files a killed writer left under a local OUT.
 
     Safe because one certify runs per OUT at a time (the plan refuses a different config, and
     two copies of the same config would write identical files). S3 never has temporaries.
     """
-    if storage.is_s3(out) or not os.path.isdir(out):
+    if run.is_s3 or not os.path.isdir(run.root):
         return 0
     removed = 0
-    for dirpath, _, names in os.walk(out):
+    for dirpath, _, names in os.walk(run.root):
         for name in names:
             if name.startswith(".") and ".tmp-" in name:
                 os.unlink(os.path.join(dirpath, name))

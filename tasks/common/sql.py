@@ -21,12 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import duckdb
-import fsspec
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from tasks.common import layout, storage
+from tasks.common import layout
+from tasks.common.run_dir import RunDir
 from tasks.common.sqlfuncs import register_udfs
 
 __all__ = ["QueryError", "Views", "connect", "lazy_dataset", "has_view"]
@@ -48,17 +48,16 @@ _LOCKDOWN = (
     "SET lock_configuration = true",
 )
 
-#: A job's view registration: ``(con, out, fs, alpha) -> names registered``. It raises
+#: A job's view registration: ``(con, run, alpha) -> names registered``. It raises
 #: :class:`QueryError` where ``alpha`` asks for something its OUT cannot give.
-Views = Callable[[duckdb.DuckDBPyConnection, str, fsspec.AbstractFileSystem, "float | None"], list[str]]
+Views = Callable[[duckdb.DuckDBPyConnection, RunDir, "float | None"], list[str]]
 
 
-def lazy_dataset(uris: Sequence[str], fs: fsspec.AbstractFileSystem, s3: bool,
-                 schema: pa.Schema | None = None) -> pads.Dataset:
-    """A lazy Arrow dataset over Parquet files: DuckDB scans it through pyarrow, not through its
-    own file system, so it keeps working after external access is switched off."""
-    arrow_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs)) if s3 else pafs.LocalFileSystem()
-    paths = [u[len("s3://"):] if s3 else u for u in uris]
+def lazy_dataset(run: RunDir, uris: Sequence[str], schema: pa.Schema | None = None) -> pads.Dataset:
+    """A lazy Arrow dataset over Parquet files of ``run``: DuckDB scans it through pyarrow, not
+    through its own file system, so it keeps working after external access is switched off."""
+    arrow_fs = pafs.PyFileSystem(pafs.FSSpecHandler(run.fs)) if run.is_s3 else pafs.LocalFileSystem()
+    paths = [u[len("s3://"):] if run.is_s3 else u for u in uris]
     return pads.dataset(paths, filesystem=arrow_fs, format="parquet", schema=schema)
 
 
@@ -67,12 +66,12 @@ def has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
     return bool(con.sql(f"SELECT count(*) FROM duckdb_views() WHERE view_name = '{name}'").fetchall()[0][0])
 
 
-def connect(out: str, views: Sequence[Views], *, alpha: float | None = None) -> duckdb.DuckDBPyConnection:
+def connect(run: RunDir | str, views: Sequence[Views], *, alpha: float | None = None) -> duckdb.DuckDBPyConnection:
     """A locked, read-only DuckDB connection on the results of OUT with the given jobs' views.
 
     Args:
-        out: the OUT root, a local path or ``s3://bucket/prefix`` (S3 settings from the
-            environment, see tasks/common/storage.py).
+        run: the OUT (a :class:`RunDir`, or its root: a local path or ``s3://bucket/prefix``,
+            S3 settings from the environment, see tasks/common/storage.py).
         views: the view registrations to apply (each job's ``views.register``).
         alpha: passed to each registration (re-certification at that alpha; None: as published).
 
@@ -82,18 +81,18 @@ def connect(out: str, views: Sequence[Views], *, alpha: float | None = None) -> 
     Raises:
         QueryError: there is nothing to query under OUT, or a registration refused ``alpha``.
     """
-    fs, _ = storage.split_uri(out)  # one filesystem (one S3 session) for every read below
+    run = RunDir.of(run)  # one file system (one S3 session) for every read below
     con = duckdb.connect(":memory:")
     try:
         register_udfs(con)
         names = []
         for register in views:
-            names += register(con, out, fs, alpha)
-        errors = layout.error_files(out) + layout.attack_error_files(out)
+            names += register(con, run, alpha)
+        errors = run.error_files() + run.attack_error_files()
         if errors:
-            con.register("errors", lazy_dataset(errors, fs, storage.is_s3(out), layout.ERRORS_SCHEMA))
+            con.register("errors", lazy_dataset(run, errors, layout.ERRORS_SCHEMA))
         if not names:
-            raise QueryError(f"nothing to query under {out}: no vote files, no attack rows, no training metrics "
+            raise QueryError(f"nothing to query under {run}: no vote files, no attack rows, no training metrics "
                              "and no tables/certificates.parquet; check the path or run the pipeline")
         for statement in _LOCKDOWN:
             con.execute(statement)

@@ -12,6 +12,10 @@ reader never sees a half-written file under its final name:
 The S3 endpoint, credentials and region come from the standard AWS environment/config chain
 (``AWS_ENDPOINT_URL_S3`` for a MinIO or moto server). Credentials are
 never logged, never put in error messages, and never written into OUT.
+
+Every function takes the file system as ``fs`` when the caller holds one (a
+:class:`tasks.common.run_dir.RunDir` does: one S3 session for a whole run); without it, one is
+made for the URI (:func:`densepure_core.remote.filesystem_for`, a new S3 session each time).
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from densepure_core.remote import filesystem_for
-
 from tasks.common.faults import fault_point
 
 __all__ = [
@@ -53,9 +56,11 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def split_uri(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the path inside it for a local path or an ``s3://`` URI."""
-    return filesystem_for(uri)
+def split_uri(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem (``fs`` when given) and the path inside it for a local path or an ``s3://`` URI."""
+    if fs is None:
+        return filesystem_for(uri)
+    return fs, (uri[len("s3://"):] if is_s3(uri) else os.path.abspath(uri))
 
 
 def join(uri: str, *parts: str) -> str:
@@ -76,16 +81,16 @@ def _wrap(uri: str, action: str, exc: Exception) -> StorageError:
     return StorageError(f"could not {action} {uri}: {type(exc).__name__}: {exc}.{hint}")
 
 
-def exists(uri: str) -> bool:
-    fs, path = split_uri(uri)
+def exists(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> bool:
+    fs, path = split_uri(uri, fs)
     try:
         return fs.exists(path)
     except Exception as exc:  # unreachable endpoint etc.
         raise _wrap(uri, "check", exc) from exc
 
 
-def read_bytes(uri: str) -> bytes:
-    fs, path = split_uri(uri)
+def read_bytes(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> bytes:
+    fs, path = split_uri(uri, fs)
     try:
         with fs.open(path, "rb") as f:
             return f.read()
@@ -95,13 +100,13 @@ def read_bytes(uri: str) -> bytes:
         raise _wrap(uri, "read", exc) from exc
 
 
-def read_text(uri: str) -> str:
-    return read_bytes(uri).decode("utf-8")
+def read_text(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> str:
+    return read_bytes(uri, fs).decode("utf-8")
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
+def write_bytes_atomic(uri: str, data: bytes, fs: fsspec.AbstractFileSystem | None = None) -> None:
     """Publish ``data`` under ``uri`` all at once (see the module docstring)."""
-    fs, path = split_uri(uri)
+    fs, path = split_uri(uri, fs)
     try:
         if is_s3(uri):
             fs.pipe_file(path, data)
@@ -126,23 +131,23 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         raise _wrap(uri, "write", exc) from exc
 
 
-def write_text_atomic(uri: str, text: str) -> None:
-    write_bytes_atomic(uri, text.encode("utf-8"))
+def write_text_atomic(uri: str, text: str, fs: fsspec.AbstractFileSystem | None = None) -> None:
+    write_bytes_atomic(uri, text.encode("utf-8"), fs)
 
 
-def write_parquet_atomic(uri: str, table: pa.Table) -> None:
+def write_parquet_atomic(uri: str, table: pa.Table, fs: fsspec.AbstractFileSystem | None = None) -> None:
     """Serialize ``table`` to Parquet in memory, then publish it atomically."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    write_bytes_atomic(uri, buf.getvalue())
+    write_bytes_atomic(uri, buf.getvalue(), fs)
 
 
-def remove(uri: str) -> bool:
+def remove(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> bool:
     """Delete the file ``uri`` if it exists; True when something was deleted.
 
     A delete is atomic on both backends: a reader sees the whole file or none.
     """
-    fs, path = split_uri(uri)
+    fs, path = split_uri(uri, fs)
     try:
         if not fs.exists(path):
             return False
@@ -154,12 +159,12 @@ def remove(uri: str) -> bool:
     return True
 
 
-def list_files(uri: str, suffix: str = "") -> list[str]:
+def list_files(uri: str, suffix: str = "", fs: fsspec.AbstractFileSystem | None = None) -> list[str]:
     """All files under ``uri`` (recursive) ending with ``suffix``, as URIs; [] if absent.
 
     Hidden temporary files (``.name.tmp-*``) are never listed.
     """
-    fs, path = split_uri(uri)
+    fs, path = split_uri(uri, fs)
     try:
         if not fs.exists(path):
             return []

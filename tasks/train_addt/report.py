@@ -9,12 +9,9 @@ every step.
 
 from __future__ import annotations
 
-import json
-
-from tasks.common import storage
-from tasks.common.layout import report_uri, run_uri
-from tasks.train_addt.views import connect
+from tasks.common.run_dir import RunDir
 from tasks.common.textfmt import markdown_table
+from tasks.train_addt.views import connect
 
 __all__ = ["write_train_report", "WINDOWS_SQL"]
 
@@ -28,9 +25,10 @@ FROM w GROUP BY win ORDER BY win
 """
 
 
-def write_train_report(out: str) -> str:
+def write_train_report(out: RunDir | str) -> str:
     """Write and return ``OUT/report.md`` for the ADDT run in ``out``."""
-    run = json.loads(storage.read_text(run_uri(out)))
+    out = RunDir.of(out)
+    run = out.read_run()
     con = connect(out)
     try:
         rows = con.execute(WINDOWS_SQL).fetchall()
@@ -53,5 +51,5 @@ def write_train_report(out: str) -> str:
         "Every step: `densepure sql OUT \"SELECT * FROM train_metrics ORDER BY step\"`.", "",
     ]
     text = "\n".join(lines)
-    storage.write_text_atomic(report_uri(out), text)
+    out.write_text(out.report_uri, text)
     return text

@@ -42,17 +42,22 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import yaml
 
 from densepure_core.config.addt import AddtConfig
 from densepure_core.data.sources import ImageRecord, enumerate_records, select_records
-
 from tasks.common import storage
 from tasks.common.faults import fault_point
-from tasks.common.layout import (TRAIN_METRICS_SCHEMA, checkpoint_name, config_uri, metrics_files, metrics_uri, model_dir,
-                     run_uri, train_dir)
-from tasks.common.planning import (PlanError, check_files_exist, check_labels, differing_fields, library_versions,
-                                   source_hashes, write_manifest)
+from tasks.common.layout import TRAIN_METRICS_SCHEMA, checkpoint_name
+from tasks.common.planning import (
+    PlanError,
+    check_files_exist,
+    check_labels,
+    differing_fields,
+    library_versions,
+    source_hashes,
+    write_manifest,
+)
+from tasks.common.run_dir import RunDir
 
 __all__ = ["TrainPlan", "TrainProgress", "plan_training", "run_training", "train_loop_per_worker", "export_model",
            "latest_checkpoint", "is_train_out", "STATE_FILE"]
@@ -65,7 +70,7 @@ _MODEL_FILES = ("model_index.json", "unet/", "scheduler/")
 
 @dataclass(frozen=True)
 class TrainPlan:
-    out: str
+    run: RunDir
     run_id: str
     config_hash: str
     records: list[ImageRecord]
@@ -85,24 +90,24 @@ class TrainProgress:
 
 # -- stage 1: the plan ------------------------------------------------------------------------
 
-def _check_same_job(out: str) -> dict:
+def _check_same_job(run: RunDir) -> dict:
     """The stored config of OUT; refuse an OUT of another job."""
-    stored = yaml.safe_load(storage.read_text(config_uri(out))) or {}
+    stored = run.read_config() or {}
     if stored.get("job") != "train-addt":
         kind = "an attack evaluation" if stored.get("job") == "attack" else "a certification run"
-        raise PlanError(f"an ADDT training run needs its own OUT, but {out} holds {kind}: choose another --out")
+        raise PlanError(f"an ADDT training run needs its own OUT, but {run} holds {kind}: choose another --out")
     return stored
 
 
-def _check_same_run(cfg: AddtConfig, out: str) -> None:
-    stored_cfg = AddtConfig.model_validate(_check_same_job(out))
+def _check_same_run(cfg: AddtConfig, run: RunDir) -> None:
+    stored_cfg = AddtConfig.model_validate(_check_same_job(run))
     if stored_cfg.config_hash() == cfg.config_hash():
         return
     diff = differing_fields(stored_cfg, cfg)
-    raise PlanError(f"a different ADDT config was already trained in {out} (fields that differ: {', '.join(diff)};"
+    raise PlanError(f"a different ADDT config was already trained in {run} (fields that differ: {', '.join(diff)};"
                     f" stored config_hash {stored_cfg.config_hash()}, this one {cfg.config_hash()}). Checkpoints of "
                     f"different configs are never mixed: choose another --out, or rerun with the stored config "
-                    f"({config_uri(out)}) to resume it (raising steps is allowed: it continues the run).")
+                    f"({run.config_uri}) to resume it (raising steps is allowed: it continues the run).")
 
 
 def _check_models(cfg: AddtConfig, first: ImageRecord) -> int:
@@ -114,7 +119,6 @@ def _check_models(cfg: AddtConfig, first: ImageRecord) -> int:
     from densepure_core.config import resolve_source
     from densepure_core.data.sources import DatasetError, load_image
     from densepure_core.models import ModelLoadError, load_classifier, load_diffusion
-
     from tasks.common.workers import check_image_fits
 
     c = cfg.classifier
@@ -131,20 +135,21 @@ def _check_models(cfg: AddtConfig, first: ImageRecord) -> int:
         return int(clf(image[None]).shape[-1])
 
 
-def plan_training(cfg: AddtConfig, out: str | None = None) -> TrainPlan:
+def plan_training(cfg: AddtConfig, out: RunDir | str | None = None) -> TrainPlan:
     """Check the images and models, and record the run in ``out`` (default ``cfg.out``).
 
     Everything checkable is checked before anything is written. An OUT whose run has no
     checkpoint yet (a failed start) takes a changed config: it simply re-plans.
     """
-    out = out or cfg.out
-    if not storage.is_s3(out):  # Ray Train runs each worker in a directory of its own: relative paths would move
-        out = os.path.abspath(out)
-    resumed = storage.exists(config_uri(out)) and latest_checkpoint(out) is not None
+    run = RunDir.of(out or cfg.out)
+    if not run.is_s3:  # Ray Train runs each worker in a directory of its own: relative paths would move
+        run = RunDir(os.path.abspath(run.root))
+    planned = run.exists(run.config_uri)
+    resumed = planned and latest_checkpoint(run) is not None
     if resumed:
-        _check_same_run(cfg, out)
-    elif storage.exists(config_uri(out)):
-        _check_same_job(out)
+        _check_same_run(cfg, run)
+    elif planned:
+        _check_same_job(run)
     records, _ = enumerate_records(cfg.dataset)
     chosen = select_records(records, cfg.dataset)
     check_files_exist(chosen, "fail")  # a training batch cannot skip an image: every one must exist
@@ -158,17 +163,16 @@ def plan_training(cfg: AddtConfig, out: str | None = None) -> TrainPlan:
     if len(chosen) < cfg.batch_size:
         log.warning("%d training images < batch_size %d: a batch repeats images (across epochs)", len(chosen),
                     cfg.batch_size)
-    run = json.loads(storage.read_text(run_uri(out))) if resumed and storage.exists(run_uri(out)) else None
-    run_id = run["run_id"] if run else f"{cfg.run_name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    plan = TrainPlan(out, run_id, cfg.config_hash(), chosen, resumed=run is not None)
-    storage.write_text_atomic(config_uri(out), cfg.model_copy(update={"out": out}).to_yaml())
-    write_manifest(out, chosen, len(chosen))
-    if run is None:
-        run = {"job": "train-addt", "run_id": run_id, "config_hash": plan.config_hash, "images": len(chosen),
-               "model_hashes": source_hashes({cfg.diffusion.source, cfg.classifier.source}),
-               "host": socket.gethostname(), "created_at": datetime.now(timezone.utc).isoformat(),
-               "versions": library_versions()}
-        storage.write_text_atomic(run_uri(out), json.dumps(run, indent=2))
+    meta = run.read_run() if resumed else None
+    run_id = meta["run_id"] if meta else f"{cfg.run_name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    plan = TrainPlan(run, run_id, cfg.config_hash(), chosen, resumed=meta is not None)
+    run.write_text(run.config_uri, cfg.model_copy(update={"out": run.root}).to_yaml())
+    write_manifest(run, chosen, len(chosen))
+    if meta is None:
+        run.write_run({"job": "train-addt", "run_id": run_id, "config_hash": plan.config_hash, "images": len(chosen),
+                       "model_hashes": source_hashes({cfg.diffusion.source, cfg.classifier.source}),
+                       "host": socket.gethostname(), "created_at": datetime.now(timezone.utc).isoformat(),
+                       "versions": library_versions()})
     return plan
 
 
@@ -186,22 +190,22 @@ class _Images:
         self.get = lru_cache(maxsize=cache)(lambda i: load_image(records[i], dataset))
 
 
-def _write_metrics(out: str, run_id: str, rows: list[dict], workers: int) -> None:
+def _write_metrics(run: RunDir, run_id: str, rows: list[dict], workers: int) -> None:
     now = datetime.now(timezone.utc)
     table = pa.Table.from_pylist([{**{k: r[k] for k in ("step", "loss", "grad_norm", "lr", "ema_decay", "mix_mean",
                                                         "seconds")}, "run_id": run_id, "workers": workers,
                                    "created_at": now} for r in rows], schema=TRAIN_METRICS_SCHEMA)
-    storage.write_parquet_atomic(metrics_uri(out, rows[0]["step"], rows[-1]["step"]), table)
+    run.write_parquet(run.metrics_uri(rows[0]["step"], rows[-1]["step"]), table)
 
 
-def _drop_metrics_after(out: str, step: int) -> None:
+def _drop_metrics_after(run: RunDir, step: int) -> None:
     """Remove metrics files of steps after ``step`` (the checkpoint a run resumes from): written
     by a run killed before its next checkpoint was saved. Same-named files would be rewritten
     anyway; this also covers a rerun with another ``checkpoint_every``, whose file ranges differ."""
-    for uri in metrics_files(out):
+    for uri in run.metrics_files():
         last = int(posixpath.basename(uri).removesuffix(".parquet").rsplit("-", 1)[1])
         if last > step:
-            storage.remove(uri)
+            run.remove(uri)
 
 
 def _save_checkpoint(trainer, scheduler, folder: str) -> None:
@@ -213,7 +217,7 @@ def _save_checkpoint(trainer, scheduler, folder: str) -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker (see the module docstring). ``config``: cfg, out, run_id, records, queue."""
+    """One Ray Train worker (see the module docstring). ``config``: cfg, run (a RunDir), run_id, records, queue."""
     import numpy as np
     import ray.train
     import ray.train.torch
@@ -225,7 +229,7 @@ def train_loop_per_worker(config: dict) -> None:
     from densepure_core.models import load_classifier, load_diffusion
 
     cfg = AddtConfig.model_validate(config["cfg"])
-    out, run_id, queue = config["out"], config["run_id"], config.get("queue")
+    run, run_id, queue = config["run"], config["run_id"], config.get("queue")
     records = [ImageRecord(*r) for r in config["records"]]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -246,7 +250,7 @@ def train_loop_per_worker(config: dict) -> None:
             trainer.load_state_dict(torch.load(os.path.join(folder, STATE_FILE), map_location=device,
                                                weights_only=True))
     if rank == 0:
-        _drop_metrics_after(out, trainer.step)
+        _drop_metrics_after(run, trainer.step)
     images = _Images(records, cfg.dataset)
     shape = tuple(images.get(0).shape)
     labels = torch.tensor([r.label for r in records], dtype=torch.long)
@@ -270,7 +274,7 @@ def train_loop_per_worker(config: dict) -> None:
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             name = checkpoint_name(done)
             if rank == 0:
-                _write_metrics(out, run_id, pending, world)
+                _write_metrics(run, run_id, pending, world)
                 with tempfile.TemporaryDirectory() as folder:
                     _save_checkpoint(trainer, dm.scheduler, folder)
                     ray.train.report({"step": done, "loss": metrics["loss"]},
@@ -284,14 +288,13 @@ def train_loop_per_worker(config: dict) -> None:
             queue.put(TrainProgress(done, cfg.steps, metrics["loss"], metrics["seconds"]))
 
 
-def _storage(out: str):
+def _storage(run: RunDir):
     """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig: OUT itself, local or S3."""
-    if storage.is_s3(out):
+    if run.is_s3:
         import pyarrow.fs as pafs
 
-        fs, path = storage.split_uri(out)
-        return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-    return os.path.abspath(out), None
+        return run.root[len("s3://"):], pafs.PyFileSystem(pafs.FSSpecHandler(run.fs))
+    return os.path.abspath(run.root), None
 
 
 def run_training(cfg: AddtConfig, plan: TrainPlan, *, ray_address: str | None = None,
@@ -334,10 +337,10 @@ def run_training(cfg: AddtConfig, plan: TrainPlan, *, ray_address: str | None = 
 
         reader = threading.Thread(target=pump, name="addt-progress", daemon=True)
         reader.start()
-        storage_path, filesystem = _storage(plan.out)
+        storage_path, filesystem = _storage(plan.run)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": plan.out, "run_id": plan.run_id,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": plan.run, "run_id": plan.run_id,
                                "records": [(r.image_id, r.uri, r.label) for r in plan.records], "queue": queue,
                                "threads": threads},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
@@ -354,9 +357,9 @@ def run_training(cfg: AddtConfig, plan: TrainPlan, *, ray_address: str | None = 
             reader.join(timeout=2)
         if result.error:
             raise result.error
-        final = latest_checkpoint(plan.out)
+        final = latest_checkpoint(plan.run)
         if final is None or int(final.rsplit("-", 1)[1]) < cfg.steps:
-            raise RuntimeError(f"training ended without a checkpoint at step {cfg.steps} under {train_dir(plan.out)}"
+            raise RuntimeError(f"training ended without a checkpoint at step {cfg.steps} under {plan.run.train_dir}"
                                f" (latest: {final}); rerun the same command to resume")
         return final
     finally:
@@ -366,15 +369,16 @@ def run_training(cfg: AddtConfig, plan: TrainPlan, *, ray_address: str | None = 
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def latest_checkpoint(out: str) -> str | None:
+def latest_checkpoint(out: RunDir | str) -> str | None:
     """The newest complete checkpoint under ``OUT/train`` (a ``step-<N>`` name), or None.
 
     Complete: Ray Train names it in its snapshot, which it writes only after the upload.
     """
-    snapshot = storage.join(train_dir(out), "checkpoint_manager_snapshot.json")
-    if not storage.exists(snapshot):
+    run = RunDir.of(out)
+    snapshot = storage.join(run.train_dir, "checkpoint_manager_snapshot.json")
+    if not run.exists(snapshot):
         return None
-    latest = json.loads(storage.read_text(snapshot)).get("latest_checkpoint_result") or {}
+    latest = json.loads(run.read_text(snapshot)).get("latest_checkpoint_result") or {}
     return latest.get("checkpoint_dir_name")
 
 
@@ -385,24 +389,23 @@ def export_model(cfg: AddtConfig, plan: TrainPlan, checkpoint: str, seconds: flo
 
     Returns the model's URI, a diffusion source for ``densepure certify`` / ``attack``.
     """
-    src = storage.join(train_dir(plan.out), checkpoint)
-    dest = model_dir(plan.out)
-    fs, src_path = storage.split_uri(src)
-    prefix = "s3://" if storage.is_s3(src) else ""
+    run = plan.run
+    src = storage.join(run.train_dir, checkpoint)
+    dest = run.model_dir
+    fs, src_path = storage.split_uri(src, run.fs)
+    prefix = "s3://" if run.is_s3 else ""
     for path in sorted(fs.find(src_path)):
         rel = posixpath.relpath(path, src_path) if prefix else os.path.relpath(path, src_path)
         if rel == STATE_FILE or not rel.startswith(_MODEL_FILES):
             continue
-        storage.write_bytes_atomic(storage.join(dest, *rel.split(os.sep)), storage.read_bytes(prefix + path))
-    run = json.loads(storage.read_text(run_uri(plan.out)))
-    run.update({"steps": cfg.steps, "checkpoint": checkpoint, "model": dest, "workers": cfg.workers,
-                "last_train_seconds": round(seconds, 2), "finished_at": datetime.now(timezone.utc).isoformat()})
-    storage.write_text_atomic(run_uri(plan.out), json.dumps(run, indent=2))
+        run.write_bytes(storage.join(dest, *rel.split(os.sep)), run.read_bytes(prefix + path))
+    meta = run.read_run()
+    meta.update({"steps": cfg.steps, "checkpoint": checkpoint, "model": dest, "workers": cfg.workers,
+                 "last_train_seconds": round(seconds, 2), "finished_at": datetime.now(timezone.utc).isoformat()})
+    run.write_run(meta)
     return dest
 
 
-def is_train_out(out: str) -> bool:
+def is_train_out(out: RunDir | str) -> bool:
     """Whether OUT holds an ADDT training run (its config.yaml says job: train-addt)."""
-    if not storage.exists(config_uri(out)):
-        return False
-    return (yaml.safe_load(storage.read_text(config_uri(out))) or {}).get("job") == "train-addt"
+    return RunDir.of(out).job() == "train-addt"

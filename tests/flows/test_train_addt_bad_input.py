@@ -93,4 +93,4 @@ def test_a_relative_out_is_made_absolute_for_the_ray_train_workers(tmp_path, mon
     """Ray Train runs each worker in its own directory: a relative OUT would put the metrics there."""
     monkeypatch.chdir(tmp_path)
     plan = plan_training(AddtConfig.model_validate(addt_job(tmp_path, out="rel/out")))
-    assert plan.out == str(tmp_path / "rel" / "out") and (tmp_path / "rel" / "out" / "config.yaml").exists()
+    assert plan.run.root == str(tmp_path / "rel" / "out") and (tmp_path / "rel" / "out" / "config.yaml").exists()

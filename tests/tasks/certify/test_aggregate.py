@@ -20,7 +20,8 @@ from densepure_core.certification.stats import (
 )
 from densepure_core.config import DEFAULT_RADII
 from tasks.certify.aggregate import AggregateError, aggregate
-from tasks.common.layout import ACCURACY_SCHEMA, CERTIFICATES_SCHEMA, VOTES_SCHEMA, vote_files
+from tasks.common.layout import ACCURACY_SCHEMA, CERTIFICATES_SCHEMA, VOTES_SCHEMA
+from tasks.common.run_dir import RunDir
 
 def read(uri) -> pa.Table:
     return pq.read_table(uri)
@@ -38,7 +39,7 @@ def test_factory_writes_the_votes_schema(tmp_path):
     assert files == [vote_uri(str(tmp_path), 0.25, "dds", i) for i in range(3)]
     assert files[0].endswith(
         os.path.join("votes", "sigma=0.25", "method=dds", "shard=00000.parquet"))
-    assert vote_files(str(tmp_path)) == files
+    assert RunDir(str(tmp_path)).vote_files() == files
     back = pa.concat_tables(read(f) for f in files)
     assert back.schema.equals(VOTES_SCHEMA) and back.num_rows == 7
     # counts add up to n0 / n, like the vote stage's

@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from densepure_core.config import load_config
-from tasks.common.layout import shard_uri
+from tasks.common.run_dir import RunDir
 from tasks.certify.plan import PlanError, load_plan, plan_run
 
 
@@ -50,7 +50,7 @@ def test_plan_writes_manifest_config_and_run(tmp_path):
     assert run["config_hash"] == plan.config_hash and run["images"] == 5 and "torch" in run["versions"]
     stored = yaml.safe_load((out / "config.yaml").read_text())
     assert stored["sigmas"] == [0.25, 0.5] and stored["out"] == str(out)
-    assert shard_uri(str(out), 0.5, "rs", 2).endswith("votes/sigma=0.5/method=rs/shard=00002.parquet")
+    assert RunDir(str(out)).shard_uri(0.5, "rs", 2).endswith("votes/sigma=0.5/method=rs/shard=00002.parquet")
 
 
 def _voted(out):

@@ -14,6 +14,7 @@ from PIL import Image
 from densepure_core.config import load_config
 from tasks.certify.aggregate import aggregate
 from tasks.common.quarantine import quarantined_counts, read_errors
+from tasks.common.run_dir import RunDir
 from tasks.certify.plan import plan_run
 from tasks.certify.report import write_report
 from tasks.certify.vote import VoteWorker, run_vote_stage
@@ -24,7 +25,7 @@ def run_all(cfg):
     plan = plan_run(cfg)
     worker = VoteWorker(cfg, plan.num_classes, "test-worker")
     results = [worker.run_shard(t) for t in plan.tasks()]
-    quarantined = quarantined_counts(cfg.out)
+    quarantined = quarantined_counts(RunDir(cfg.out))
     expected = {p: n - quarantined.get(p, 0) for p, n in plan.expected_images().items()}
     return plan, results, aggregate(cfg.out, alpha=cfg.alpha, expected=expected)
 
@@ -51,7 +52,7 @@ def test_recomputed_shard_replaces_its_old_errors_file(tmp_path):
     recomputed = [r for r in results if not r.skipped]
     assert [(r.shard, r.images, r.quarantined) for r in recomputed] == [(task.shard, 1, 0)]
     assert not os.path.exists(task.errors_uri)
-    assert quarantined_counts(cfg.out) == {} and read_errors(cfg.out).num_rows == 0
+    assert quarantined_counts(RunDir(cfg.out)) == {} and read_errors(RunDir(cfg.out)).num_rows == 0
     assert result.images == 7 and result.missing == 0  # accepted: 7 of 7 expected
     assert "b/corrupt.png" in pq.read_table(result.certificates_uri).column("image_id").to_pylist()
     report = write_report(cfg.out)
@@ -80,5 +81,5 @@ def test_recomputation_with_the_image_still_bad_keeps_one_record(tmp_path):
     os.remove(task.uri)
     _, results, result = run_all(cfg)
     assert [r.quarantined for r in results if not r.skipped] == [1]
-    assert read_errors(cfg.out).column("image_id").to_pylist() == ["b/corrupt.png"]
+    assert read_errors(RunDir(cfg.out)).column("image_id").to_pylist() == ["b/corrupt.png"]
     assert result.images == 6 and result.missing == 0
