@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import ValidationInfo, field_validator, model_validator
 
 from densepure_core.config.attack import parse_eps
 from densepure_core.config.fields import _JobConfig, _no_credentials, _vote_dump, operational, unclassified_fields, votes
@@ -67,8 +67,8 @@ class AddtConfig(_JobConfig):
 
     @field_validator("linf_radius", "linf_step", mode="before")
     @classmethod
-    def _fraction(cls, value: Any) -> float:
-        return parse_eps(value)
+    def _fraction(cls, value: Any, info: ValidationInfo) -> float:
+        return parse_eps(value, info.field_name)
 
     @field_validator("betas")
     @classmethod

@@ -27,13 +27,20 @@ from densepure_core.config.sections import ClassifierConfig, DatasetConfig, Diff
 __all__ = ["DefenseConfig", "ThreatConfig", "AttackItemConfig", "AttackConfig", "parse_eps"]
 
 
-def parse_eps(value: Any) -> float:
-    """A radius given as a number or a fraction string (``"8/255"``) -> float."""
+def parse_eps(value: Any, field: str = "eps") -> float:
+    """A radius given as a number or a fraction string (``"8/255"``, ``"0.5/1"``) -> float.
+
+    ``field`` names the setting in the error (pydantic adds where it sits in the config).
+    """
     if isinstance(value, str):
+        text = value.strip()
         try:
-            return float(Fraction(value.strip()))
+            if "/" in text:
+                num, den = (Fraction(part.strip()) for part in text.split("/", 1))
+                return float(num / den)
+            return float(Fraction(text))
         except (ValueError, ZeroDivisionError) as exc:
-            raise ValueError(f"eps {value!r}: expected a number or a fraction such as 8/255") from exc
+            raise ValueError(f"{field} {value!r}: expected a number or a fraction such as 8/255") from exc
     return float(value)
 
 
@@ -100,6 +107,15 @@ class ThreatConfig(_Strict):
             raise ValueError(f"eps must be a finite number > 0 (got {v})")
         return v
 
+    @model_validator(mode="after")
+    def _linf_within_the_pixel_range(self):
+        # Images live in [0, 1]: an L_inf ball of radius >= 1 contains every image, so such an
+        # eps is a forgotten /255 (eps: 8 ran for minutes as threat linf-2040).
+        if self.norm == "linf" and self.eps >= 1:
+            raise ValueError(f"eps {_fmt(self.eps)} for linf covers the whole [0, 1] pixel range (images live in "
+                             f"[0, 1]): write it over 255, e.g. eps: {_fmt(self.eps)}/255")
+        return self
+
     @property
     def label(self) -> str:
         """``name``, else ``linf-8`` (eps x 255 for L_inf) or ``l2-0.5``."""
@@ -129,7 +145,7 @@ class AttackItemConfig(_Strict):
     @field_validator("step_size", mode="before")
     @classmethod
     def _step(cls, v: Any) -> float | None:
-        return None if v is None else parse_eps(v)
+        return None if v is None else parse_eps(v, "step_size")
 
     @model_validator(mode="after")
     def _check(self):

@@ -66,4 +66,24 @@ def test_bad_settings_are_refused_naming_the_field(over, message):
 def test_parse_eps():
     assert parse_eps("8/255") == pytest.approx(8 / 255)
     assert parse_eps(0.5) == 0.5
-    assert parse_eps(" 4 / 255 ".replace(" ", "")) == pytest.approx(4 / 255)
+    assert parse_eps(" 4 / 255 ") == pytest.approx(4 / 255)
+    assert parse_eps("0.5/1") == 0.5 and parse_eps("1.5/3") == 0.5  # decimal numerators and denominators
+    with pytest.raises(ValueError, match="step_size '4/zero'"):
+        parse_eps("4/zero", "step_size")
+
+
+def test_an_linf_eps_beyond_the_pixel_range_asks_for_over_255():
+    """eps: 8 for L_inf (the /255 forgotten) used to run for minutes as threat linf-2040."""
+    with pytest.raises(ConfigError, match=r"threats\.0: .*eps 8 for linf covers the whole \[0, 1\] pixel "
+                                          r"range .*eps: 8/255"):
+        load_config(data=_data(threats=[{"norm": "linf", "eps": 8}]), model=AttackConfig)
+    assert load_config(data=_data(threats=[{"norm": "l2", "eps": 8}]), model=AttackConfig).threats[0].eps == 8
+    assert load_config(data=_data(threats=[{"norm": "linf", "eps": "8/255"}]),
+                       model=AttackConfig).threats[0].eps == pytest.approx(8 / 255)
+
+
+def test_the_addt_fraction_fields_are_named_in_errors():
+    from densepure_core.config.addt import AddtConfig
+
+    with pytest.raises(ConfigError, match="linf_step '2/x'"):
+        load_config("addt_default", ["variant=linf", "linf_step=2/x"], model=AddtConfig)
