@@ -105,7 +105,8 @@ def make_votes(num_images: int, num_classes: int = 10, *, sigma: float = 0.25,
                seconds: float | Sequence[float] = 1.0, t_star: int = 145, k: int = 1,
                steps: int = 1, worker: str = "worker-0", sampling: str = "fixed",
                n_max: int | None = None, bound: str | None = None,
-               bound_params: str = "{}") -> pa.Table:
+               bound_params: str = "{}", classifier_fingerprint: str | None = "clf-fp",
+               diffusion_fingerprint: str | None = "ddpm-fp") -> pa.Table:
     """Vote rows of one (sigma, method) partition, in :data:`VOTES_SCHEMA`.
 
     Args:
@@ -186,6 +187,8 @@ def make_votes(num_images: int, num_classes: int = 10, *, sigma: float = 0.25,
         "bound": pa.array(np.full(num_images, bound or ("clopper-pearson" if sampling == "fixed" else "staged"),
                                   dtype=object), pa.string()),
         "bound_params": pa.array(np.full(num_images, bound_params, dtype=object), pa.string()),
+        "classifier_fingerprint": pa.array([classifier_fingerprint] * num_images, pa.string()),
+        "diffusion_fingerprint": pa.array([diffusion_fingerprint] * num_images, pa.string()),
     }
     return pa.Table.from_arrays([columns[f.name] for f in VOTES_SCHEMA], schema=VOTES_SCHEMA)
 

@@ -220,6 +220,21 @@ class AttackConfig(_JobConfig):
         """The hash payload: every ``votes(...)`` field, plus the noise-stream version."""
         return {**_vote_dump(self), "stream_version": _stream_version()}
 
+    def partition_fields(self, defense: str, threat: str, attack: str) -> dict[str, Any]:
+        """What the rows of one (defense, threat, attack) partition depend on: :meth:`vote_fields`
+        without the other defenses, threats and attacks, with these three (and without the
+        diffusion model for the bare classifier, which never calls it). A run can gain
+        partitions, or correct partitions without rows, and keep the rows it has."""
+        fields = self.vote_fields()
+        del fields["defenses"], fields["threats"], fields["attacks"]
+        d = self.defense(defense)
+        if d.kind == "none":
+            fields.pop("diffusion", None)
+        fields["defense"] = {**_vote_dump(d), "label": d.label}
+        fields["threat"] = {**_vote_dump(self.threat(threat)), "label": threat}
+        fields["attack"] = {**_vote_dump(self.attack(attack)), "label": attack}
+        return fields
+
 
 
 _UNDECLARED = unclassified_fields(AttackConfig)

@@ -219,6 +219,26 @@ class CertifyConfig(_JobConfig):
         (:data:`densepure_core.rng.STREAM_VERSION`; not a setting: the code's draws)."""
         return self._hash_payload(_stream_version())
 
+    def partition_fields(self, sigma: float, method: MethodConfig) -> dict[str, Any]:
+        """What the votes of one (sigma, method) partition depend on: :meth:`vote_fields` without
+        the other sigmas and methods, with this method, its sigma and its classifier (``{sigma}``
+        expanded); without the diffusion model for plain RS, which never calls it.
+
+        Two configs whose partition fields agree give that partition the same counts, so a run
+        can gain sigmas or methods, or correct a setting of partitions not voted yet, and keep
+        the votes it has (tasks/certify/plan.py). The model sources are strings here; the plan
+        replaces each by its weights' fingerprint.
+        """
+        fields = self.vote_fields()
+        del fields["methods"], fields["sigmas"]
+        if method.kind == "rs":
+            fields.pop("diffusion", None)
+        fields["sigma"] = float(sigma)
+        fields["method"] = {k: v for k, v in _vote_dump(method).items() if k != "classifier"}
+        fields["method"]["label"] = method.label
+        fields["classifier"] = _vote_dump(self.classifier_for(method, sigma))
+        return fields
+
     def config_hash(self, stream_version: int | None = None) -> str:
         """sha256 (first 16 hex digits) of :meth:`vote_fields`: equal hashes, equal counts.
 

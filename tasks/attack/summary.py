@@ -22,7 +22,8 @@ from tasks.common.layout import ATTACK_SUMMARY_SCHEMA
 from tasks.common.run_dir import RunDir
 from tasks.common.textfmt import markdown_table
 
-__all__ = ["SUMMARY_SQL", "CONFIDENCE", "summary_table", "write_attack_report", "is_attack_out"]
+__all__ = ["SUMMARY_SQL", "CONFIDENCE", "SummaryError", "check_partitions", "summary_table", "write_attack_report",
+           "is_attack_out"]
 
 def is_attack_out(out: RunDir | str) -> bool:
     """Whether OUT holds an attack evaluation (its config.yaml says ``job: attack``)."""
@@ -34,6 +35,27 @@ def is_attack_out(out: RunDir | str) -> bool:
 def summary_table(con: duckdb.DuckDBPyConnection) -> pa.Table:
     """:data:`SUMMARY_SQL` on ``con`` (which has the ``attacks`` view), as ATTACK_SUMMARY_SCHEMA."""
     return con.sql(SUMMARY_SQL).to_arrow_table().cast(ATTACK_SUMMARY_SCHEMA)
+
+
+class SummaryError(ValueError):
+    """The attack rows cannot be summarized as they are; the message names the partition and what to do."""
+
+
+def check_partitions(con: duckdb.DuckDBPyConnection) -> None:
+    """Refuse a (defense, threat, attack) partition whose rows come from more than one run, config
+    or model (NULL fingerprints: rows written before fingerprints were recorded)."""
+    for column, what in (("run_id", "runs"), ("config_hash", "configs"),
+                         ("classifier_fingerprint", "classifiers"), ("diffusion_fingerprint", "diffusion models")):
+        mixed = con.sql(f"""
+            SELECT defense, threat, attack, list(DISTINCT {column} ORDER BY {column})
+            FROM attacks WHERE {column} IS NOT NULL GROUP BY ALL HAVING count(DISTINCT {column}) > 1
+            ORDER BY ALL LIMIT 1""").fetchall()
+        if mixed:
+            d, t, a, values = mixed[0]
+            raise SummaryError(
+                f"partition defense={d} threat={t} attack={a} holds rows of {len(values)} different {what} "
+                f"({column} {values}); results of different runs, configs or models are never pooled: "
+                f"evaluate into a new --out, or delete that partition's shards under attacks/ and rerun.")
 
 
 def _pct(v, lo, hi) -> str:
@@ -54,6 +76,7 @@ def write_attack_report(out: RunDir | str, *, expected: dict | None = None) -> s
     run = RunDir.of(out)
     con = connect(run)
     try:
+        check_partitions(con)
         table = summary_table(con)
         quarantined = {}
         if has_view(con, "errors"):

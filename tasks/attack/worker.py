@@ -38,12 +38,12 @@ from densepure_core.attack import (
     run_attack,
     score,
 )
-from densepure_core.config import resolve_source
 from densepure_core.config.attack import AttackConfig
 from densepure_core.data.sources import DatasetError, load_image
 from tasks.attack.plan import AttackPlan, AttackTask, defense_t_star
 from tasks.common.faults import fault_point
 from tasks.common.layout import ATTACKS_SCHEMA
+from tasks.common.models import LoadedModels
 from tasks.common.quarantine import publish_shard_errors
 from tasks.common.raypool import run_on_actors
 from tasks.common.shards import remove_stale_temporaries, shard_state
@@ -83,38 +83,31 @@ class AttackWorker:
         threads: torch intra-op threads (default: torch's).
     """
 
-    def __init__(self, config: AttackConfig | dict, worker_name: str | None = None, threads: int | None = None):
+    def __init__(self, config: AttackConfig | dict, worker_name: str | None = None, threads: int | None = None,
+                 fingerprints: dict[str, str] | None = None):
         self.cfg = config if isinstance(config, AttackConfig) else AttackConfig.model_validate(config)
         self.worker = worker_label(worker_name)  # actor@host/node on Ray, host:pid in-process
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(self.cfg.device)
-        self._classifier = None
-        self._diffusion = None
+        # Loaded once; a model whose weights are not the planned ones is refused by name.
+        self.models = LoadedModels(self.device, self.cfg.allow_pickle, expected=fingerprints)
         self._defenses: dict[str, Defense] = {}
 
     # -- models, loaded once ----------------------------------------------------------------
     def classifier(self):
-        if self._classifier is None:
-            from densepure_core.models import load_classifier
-
-            c = self.cfg.classifier
-            clf = load_classifier(resolve_source(c.source), num_classes=c.num_classes, model_name=c.model_name,
-                                  input_size=c.input_size, interpolation=c.interpolation, mean=c.mean, std=c.std,
-                                  device=self.device, allow_pickle=self.cfg.allow_pickle)
-            self._classifier = clf.eval().requires_grad_(False)  # gradients w.r.t. the input only
-        return self._classifier
+        # gradients w.r.t. the input only
+        return self.models.classifier(self.cfg.classifier).eval().requires_grad_(False)
 
     def _load_diffusion(self):
-        if self._diffusion is None:
-            from densepure_core.diffusion.schedule import DiffusionSchedule
-            from densepure_core.models import load_diffusion
+        dm, schedule = self.models.diffusion(self.cfg.diffusion.source)
+        dm.unet.eval().requires_grad_(False)
+        return dm, schedule
 
-            dm = load_diffusion(resolve_source(self.cfg.diffusion.source), device=self.device,
-                                allow_pickle=self.cfg.allow_pickle)
-            dm.unet.eval().requires_grad_(False)
-            self._diffusion = (dm, DiffusionSchedule.from_scheduler(dm.scheduler))
-        return self._diffusion
+    def fingerprints(self, defense: Defense) -> tuple[str, str | None]:
+        """(classifier, diffusion model or None) fingerprints of what ``defense`` runs."""
+        fps = self.models.fingerprints
+        return fps[self.cfg.classifier.source], fps[self.cfg.diffusion.source] if defense.purifies else None
 
     def defense(self, label: str) -> Defense:
         """The defense named ``label``, built once per worker."""
@@ -216,6 +209,7 @@ class AttackWorker:
         linf, l2 = (v.cpu().numpy() for v in perturbation_norms(x_adv, x))
         m_scored = clean.shape[1]
         unet = stats.unet_calls + 2 * m_scored * defense.votes * defense.unet_calls
+        clf_fp, diff_fp = self.fingerprints(defense)
         now = datetime.now(timezone.utc)
         rows = []
         for i, rec in enumerate(records):
@@ -233,6 +227,7 @@ class AttackWorker:
                 "clean_worst": bool(s_clean.worst[i]), "adv_mean": float(s_adv.mean[i]),
                 "adv_majority": bool(s_adv.majority[i]), "adv_worst": bool(s_adv.worst[i]),
                 "worker": self.worker, "seed": seed, "created_at": now,
+                "classifier_fingerprint": clf_fp, "diffusion_fingerprint": diff_fp,
             })
         return rows
 
@@ -255,6 +250,7 @@ def run_attack_stage(cfg: AttackConfig, plan: AttackPlan, *, ray_address: str | 
         else:
             todo.append(t)
     config = cfg.model_dump(mode="json")
-    results += run_on_actors(AttackWorker, lambda name, threads: (config, name, threads), todo, "run_shard",
+    results += run_on_actors(AttackWorker, lambda name, threads: (config, name, threads, plan.fingerprints), todo,
+                             "run_shard",
                              workers=cfg.workers, ray_address=ray_address, on_result=on_result)
     return results

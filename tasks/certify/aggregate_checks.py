@@ -182,17 +182,41 @@ def check_votes(con: duckdb.DuckDBPyConnection, source: str = "base") -> list[Pa
         SELECT sigma, method, list(DISTINCT run_id ORDER BY run_id),
                list(DISTINCT config_hash ORDER BY config_hash),
                list(DISTINCT classes0 ORDER BY classes0), count(*),
-               count(*) FILTER (WHERE label >= 0)
+               count(*) FILTER (WHERE label >= 0),
+               -- NULL: a file written before fingerprints were recorded (unknown, not another model)
+               list(DISTINCT classifier_fingerprint ORDER BY classifier_fingerprint)
+                   FILTER (WHERE classifier_fingerprint IS NOT NULL),
+               list(DISTINCT diffusion_fingerprint ORDER BY diffusion_fingerprint)
+                   FILTER (WHERE diffusion_fingerprint IS NOT NULL)
         FROM {source} GROUP BY sigma, method ORDER BY sigma, method""").fetchall()
     out = []
-    for sigma, method, runs, hashes, classes, images, labeled in parts:
+    for sigma, method, runs, hashes, classes, images, labeled, clf_fps, diff_fps in parts:
+        for what, values in (("classifier fingerprint", clf_fps), ("diffusion model fingerprint", diff_fps)):
+            if values and len(values) > 1:
+                files = con.sql(f"""
+                    SELECT DISTINCT filename FROM {source} WHERE sigma = ? AND method = ?
+                    ORDER BY filename LIMIT {_SHOWN}""", params=[sigma, method]).fetchall()
+                raise AggregateError(
+                    f"partition sigma={sigma!r} method={method} was voted by {len(values)} different models "
+                    f"({what}s {values}); votes of different models are never pooled. Its files: "
+                    f"{names([f[0] for f in files])}. Certify into a new --out, or delete the shards of "
+                    f"the model you do not want and rerun with it.")
         for what, values in (("run_id", runs), ("config_hash", hashes),
                              ("number of classes", classes)):
             if len(values) > 1:
+                files = con.sql(f"""
+                    SELECT {'run_id' if what == 'run_id' else 'config_hash'}, list(DISTINCT filename ORDER BY filename)
+                    FROM {source} WHERE sigma = ? AND method = ? GROUP BY ALL ORDER BY ALL""",
+                                params=[sigma, method]).fetchall() if what != "number of classes" else []
+                shown = "; ".join(f"{v}: {names(fs)}" for v, fs in files)
+                repair = (" If two runs were started on this OUT at once, `densepure repair OUT` keeps the "
+                          "shards of the run that run.json names and removes the others (they are voted "
+                          "again on the next run)." if what == "run_id" else "")
                 raise AggregateError(
                     f"partition sigma={sigma!r} method={method} mixes {len(values)} values of "
-                    f"{what}: {values}. Votes of different runs or configs must never be "
-                    "pooled: delete the stale shards (or aggregate into a fresh OUT) and re-vote.")
+                    f"{what}: {values}" + (f" (by file: {shown})" if shown else "") + ". Votes of different "
+                    "runs or configs must never be pooled: delete the stale shards (or aggregate into a "
+                    "fresh OUT) and re-vote." + repair)
         out.append(PartitionSummary(sigma=float(sigma), method=method, run_id=runs[0],
                                     config_hash=hashes[0], num_classes=int(classes[0]),
                                     images=int(images), labeled=int(labeled)))

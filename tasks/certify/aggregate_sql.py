@@ -63,9 +63,15 @@ SAMPLING_DEFAULTS: dict[str, str] = {
 }
 
 
+#: The fingerprints of the models that voted a row (NULL in files written before they existed, and
+#: the diffusion model's for plain RS).
+FINGERPRINT_COLUMNS = ("classifier_fingerprint", "diffusion_fingerprint")
+
+
 def with_sampling_columns(source: str, columns: Sequence[str]) -> str:
-    """``source`` with the sampling columns it lacks (``columns``: the ones it has) added as NULL."""
-    missing = [c for c in SAMPLING_DEFAULTS if c not in columns]
+    """``source`` with the sampling and fingerprint columns it lacks (``columns``: the ones it has)
+    added as NULL: files written before those columns existed."""
+    missing = [c for c in (*SAMPLING_DEFAULTS, *FINGERPRINT_COLUMNS) if c not in columns]
     if not missing:
         return source
     added = ", ".join(f"NULL AS {c}" for c in missing)
@@ -82,7 +88,7 @@ SELECT run_id, config_hash, image_id, label, sigma, method, n0, n AS n_column,
        list_sum(counts0)::BIGINT AS sum0, list_sum(counts)::BIGINT AS n,
        least(list_min(counts0), list_min(counts)) AS min_count,
        pos - 1 AS top,                -- 0-based class index
-       counts[pos]::BIGINT AS n_a,
+       counts[pos]::BIGINT AS n_a, classifier_fingerprint, diffusion_fingerprint,
        {sampling}
        {extra}
 FROM (

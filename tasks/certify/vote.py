@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 
 from densepure_core.certification.sequential import FIXED_BOUND
-from densepure_core.config import CertifyConfig, MethodConfig, resolve_source
+from densepure_core.config import CertifyConfig, MethodConfig
 from densepure_core.data.sources import DatasetError, load_image
 from densepure_core.smoothing import (
     AdaptivePlan,
@@ -32,6 +32,7 @@ from densepure_core.smoothing import (
     SmoothedBaseClassifier,
     prefetch,
 )
+from tasks.certify.models import RunModels
 from tasks.certify.plan import Plan, ShardTask
 from tasks.common.faults import fault_point
 from tasks.common.layout import VOTES_SCHEMA
@@ -101,50 +102,24 @@ class VoteWorker:
     """
 
     def __init__(self, config: CertifyConfig | dict, num_classes: int | None = None,
-                 worker_name: str | None = None, threads: int | None = None):
+                 worker_name: str | None = None, threads: int | None = None,
+                 fingerprints: dict[str, str] | None = None):
         self.cfg = config if isinstance(config, CertifyConfig) else CertifyConfig.model_validate(config)
-        self.num_classes = int(num_classes) if num_classes else None
         self.worker = worker_label(worker_name)  # actor@host/node on Ray, host:pid in-process
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(self.cfg.device)
-        self._diffusion = None
-        self._schedule = None
-        self._classifiers: dict[str, torch.nn.Module] = {}
+        # Loaded once; a model whose weights are not the planned ones is refused by name.
+        self.models = RunModels(self.cfg, self.device, num_classes, expected=fingerprints)
         # One per partition: compiled modules, captured CUDA graphs and slot buffers are reused.
         self._smoothed: dict[tuple[str, float], SmoothedBaseClassifier] = {}
 
-    # -- models, loaded once --------------------------------------------------------------
-    def _load_diffusion(self):
-        if self._diffusion is None:
-            from densepure_core.diffusion.schedule import DiffusionSchedule
-            from densepure_core.models import load_diffusion
-
-            self._diffusion = load_diffusion(resolve_source(self.cfg.diffusion.source), device=self.device,
-                                             allow_pickle=self.cfg.allow_pickle)
-            self._schedule = DiffusionSchedule.from_scheduler(self._diffusion.scheduler)
-        return self._diffusion, self._schedule
+    @property
+    def num_classes(self) -> int | None:
+        return self.models.num_classes
 
     def classifier(self, method: MethodConfig, sigma: float):
-        from densepure_core.models import load_classifier
-
-        ccfg = self.cfg.classifier_for(method, sigma)
-        source = resolve_source(ccfg.source)
-        if source not in self._classifiers:
-            clf = load_classifier(
-                source, num_classes=ccfg.num_classes or self.num_classes, model_name=ccfg.model_name,
-                input_size=ccfg.input_size, interpolation=ccfg.interpolation, mean=ccfg.mean, std=ccfg.std,
-                device=self.device, allow_pickle=self.cfg.allow_pickle)
-            width = int(clf.num_classes)
-            if self.num_classes is None:
-                self.num_classes = width  # the classifier's output width is the class count
-            elif width != self.num_classes:
-                raise BadInputError(
-                    f"the classifier of method {method.label!r} at sigma={sigma} ({ccfg.source}) has {width} "
-                    f"outputs, but the run's count vectors have {self.num_classes} classes; every classifier "
-                    f"of a run must have the same number of classes (check classifier.num_classes)")
-            self._classifiers[source] = clf
-        return self._classifiers[source]
+        return self.models.partition_classifier(method, sigma)
 
     def check_labels(self, task: ShardTask, method: MethodConfig) -> int:
         """The classifier's width for ``task``, after checking the shard's labels against it.
@@ -169,7 +144,7 @@ class VoteWorker:
         if kind == "none":
             purifier = make_purifier("none", None, None, sigma)
         else:
-            diffusion, schedule = self._load_diffusion()
+            diffusion, schedule = self.models.run_diffusion()
             purifier = make_purifier(kind, unet_denoiser(diffusion.unet), schedule, sigma, steps=method.steps,
                                      t_star_rule=self.cfg.t_star_rule)
         options = EngineOptions.from_settings(self.cfg, device=self.device,
@@ -199,6 +174,7 @@ class VoteWorker:
         method = self.method(task.method)
         self.check_labels(task, method)  # also fixes the class count before the engine is built
         sbc = self.smoothed(method, task.sigma)
+        models = self.models.partition(method, task.sigma)
         t_star = getattr(sbc.purifier, "t_star", None)
         rows, errors = [], []
         unet = clf = 0
@@ -240,6 +216,8 @@ class VoteWorker:
                 "created_at": datetime.now(timezone.utc),
                 "sampling": self.cfg.sampling, "n_used": res.n_used, "n_max": self.cfg.budget,
                 "bound": bound, "bound_params": bound_params,
+                "classifier_fingerprint": models.classifier_fingerprint,
+                "diffusion_fingerprint": models.diffusion_fingerprint,
             })
             unet += res.stats.unet_calls
             clf += res.stats.classifier_calls
@@ -255,7 +233,7 @@ class VoteWorker:
     def _check_image(self, x: torch.Tensor, rec, method: MethodConfig) -> None:
         """Refuse an image the diffusion model cannot take (wrong size or channels)."""
         if method.kind != "rs":  # RS: the classifier resizes on its device
-            check_image_fits(x, rec, self._load_diffusion()[0].unet)
+            check_image_fits(x, rec, self.models.run_diffusion()[0].unet)
 
 
 def run_vote_stage(cfg: CertifyConfig, plan: Plan, *, ray_address: str | None = None,
@@ -288,6 +266,7 @@ def run_vote_stage(cfg: CertifyConfig, plan: Plan, *, ray_address: str | None = 
         return results
 
     config = cfg.model_dump(mode="json")
-    results += run_on_actors(VoteWorker, lambda name, threads: (config, plan.num_classes, name, threads),
+    results += run_on_actors(VoteWorker, lambda name, threads: (config, plan.num_classes, name, threads,
+                                                                plan.fingerprints),
                              todo, "run_shard", workers=cfg.workers, ray_address=ray_address, on_result=on_result)
     return results

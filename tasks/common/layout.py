@@ -55,6 +55,10 @@ VOTES_SCHEMA = pa.schema([
     pa.field("n_max", pa.int32(), nullable=False),
     pa.field("bound", pa.string(), nullable=False),
     pa.field("bound_params", pa.string(), nullable=False),
+    # the fingerprints of the models that voted (tasks/certify/models.py): the classifier's, and the
+    # diffusion model's (NULL for plain RS). NULL in files written before these columns existed.
+    pa.field("classifier_fingerprint", pa.string(), nullable=True),
+    pa.field("diffusion_fingerprint", pa.string(), nullable=True),
 ])
 """One row per image in ``OUT/votes/sigma=<s>/method=<m>/shard=<id>.parquet``."""
 
@@ -130,6 +134,10 @@ ATTACKS_SCHEMA = pa.schema([
     pa.field("worker", pa.string(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),
     pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    # the fingerprints of the models that produced the row (tasks/common/models.py): the
+    # classifier's, and the diffusion model's (NULL for the bare classifier)
+    pa.field("classifier_fingerprint", pa.string(), nullable=True),
+    pa.field("diffusion_fingerprint", pa.string(), nullable=True),
 ])
 """One row per image in ``OUT/attacks/defense=<d>/threat=<t>/attack=<a>/shard=<id>.parquet``."""
 

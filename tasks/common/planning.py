@@ -7,6 +7,7 @@ Imports :mod:`densepure_core` and :mod:`tasks.common` only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ from densepure_core.config import resolve_source
 from densepure_core.data.sources import missing_files
 from tasks.common.run_dir import RunDir
 
-__all__ = ["PlanError", "library_versions", "local_model_dir", "local_model_json", "source_hashes",
+__all__ = ["PlanError", "library_versions", "local_model_dir", "source_hashes", "with_fingerprints", "fields_hash",
+           "flat_fields", "changed_partitions_error",
            "differing_fields", "shard_positions", "write_manifest", "check_files_exist", "check_labels"]
 
 log = logging.getLogger("densepure.plan")
@@ -43,20 +45,6 @@ def library_versions() -> dict[str, str]:
 def local_model_dir(source: str) -> str | None:
     path = resolve_source(source).removeprefix("local-dir:")
     return path if os.path.exists(path) else None
-
-
-def local_model_json(source: str, *names: str) -> dict:
-    """The first of ``names`` (paths relative to a local model dir) that exists, parsed; {} if none."""
-    root = local_model_dir(source)
-    for name in names:
-        path = os.path.join(root, name) if root and os.path.isdir(root) else None
-        if path and os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    return json.load(f)
-            except (OSError, ValueError):
-                return {}  # the model loader reports a broken file, naming it
-    return {}
 
 
 def source_hashes(sources) -> dict[str, dict[str, str]]:
@@ -136,3 +124,41 @@ def check_labels(records, num_classes: int, what: str, error=ValueError) -> None
             f"label column, or dataset.classes_file to map the folders to the classifier's class order; -1 "
             f"where unknown), or, if it is the wrong classifier, point classifier.source at the one trained "
             f"on these classes.")
+
+
+# -- partition identity: what a partition's results depend on ------------------------------------
+
+def with_fingerprints(fields: dict, fingerprints: dict[str, str]) -> dict:
+    """A partition's fields (``classifier`` and ``diffusion`` sections with a ``source``) with each
+    model source replaced by its weights' fingerprint: the same weights read from another place
+    give the same results, other weights under the same name do not."""
+    for section in ("classifier", "diffusion"):
+        if fields.get(section) is not None:
+            source = fields[section].pop("source")
+            fields[section]["fingerprint"] = fingerprints.get(source, f"unknown ({source})")
+    return fields
+
+
+def fields_hash(fields: dict) -> str:
+    """sha256 (first 16 hex digits) of a partition's fields: its identity."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flat_fields(fields: dict, prefix: str = "") -> dict:
+    """Nested sections as dotted names (``classifier.fingerprint``), for naming what differs."""
+    out = {}
+    for key, value in fields.items():
+        if isinstance(value, dict) and key not in ("bound_params",):
+            out.update(flat_fields(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def changed_partitions_error(run, changed: list[str], diff: set[str], rows: str, extendable: str) -> PlanError:
+    """The refusal of a config that changes partitions which already hold ``rows``."""
+    return PlanError(
+        f"{run} already holds {rows} of partition(s) {', '.join(changed)}, and this config changes what they "
+        f"depend on (fields that differ: {', '.join(sorted(diff))}). Results of different settings are never "
+        f"mixed: choose another --out, or rerun with the stored config ({run.config_uri}) to resume it. "
+        f"Partitions without {rows} may change, and {extendable} may be added, on the same OUT.")

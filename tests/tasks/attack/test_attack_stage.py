@@ -9,7 +9,7 @@ from scipy.stats import binomtest
 
 from densepure_core.config.attack import AttackConfig
 from tasks.attack.worker import AttackWorker
-from tasks.attack.plan import PlanError, plan_attack
+from tasks.attack.plan import PlanError, partition_key, plan_attack
 from tasks.attack.summary import is_attack_out, write_attack_report
 from tasks.common.layout import ATTACKS_SCHEMA
 from tasks.query import connect, run_query
@@ -48,7 +48,11 @@ def test_rows_hold_the_columns_of_the_contract(done):
     assert len(by) == len(rows)  # one row per (image, defense, threat, attack)
     for r in rows:
         assert r["linf"] <= 8 / 255 + 1e-6 and r["iterations"] == 2
-        assert r["label"] in (0, 1) and r["config_hash"] == plan.config_hash
+        # each partition's rows carry its identity and the fingerprints of the models that made them
+        assert r["label"] in (0, 1)
+        assert r["config_hash"] == plan.partition_hashes[partition_key(r["defense"], r["threat"], r["attack"])]
+        assert r["classifier_fingerprint"] == plan.fingerprints[cfg.classifier.source]
+        assert (r["diffusion_fingerprint"] is None) == (r["defense"] == "none")
     none = [r for r in rows if r["defense"] == "none"]
     assert all(r["score_purifications"] == 1 and r["eot"] == 1 and r["unet_calls"] == 0 for r in none)
     pgd = [r for r in rows if r["attack"] == "pgd_eot" and r["defense"] != "none"]

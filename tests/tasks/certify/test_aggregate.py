@@ -191,6 +191,33 @@ def test_duplicates_are_refused_naming_them(tmp_path):
     assert not os.path.exists(tmp_path / "tables")  # nothing published
 
 
+def test_a_partition_voted_by_two_models_is_refused_naming_its_files(tmp_path):
+    """Issue 22 item 2: shards voted with another model under the same source are never pooled."""
+    write_votes(str(tmp_path), make_votes(4, 3, seed=0, classifier_fingerprint="aaaa"))
+    write_votes(str(tmp_path), make_votes(4, 3, seed=1, first_image=4, classifier_fingerprint="bbbb"), first_shard=1)
+    with pytest.raises(AggregateError) as err:
+        aggregate(str(tmp_path), alpha=0.001)
+    msg = str(err.value)
+    assert "sigma=0.25 method=dds was voted by 2 different models" in msg and "['aaaa', 'bbbb']" in msg
+    assert "shard=00000.parquet" in msg and "shard=00001.parquet" in msg and "new --out" in msg
+    assert not os.path.exists(tmp_path / "tables")
+    # files written before fingerprints were recorded (NULL) are unknown, not another model
+    other = tmp_path / "old"
+    write_votes(str(other), make_votes(4, 3, seed=0, classifier_fingerprint=None, diffusion_fingerprint=None))
+    write_votes(str(other), make_votes(4, 3, seed=1, first_image=4), first_shard=1)
+    assert aggregate(str(other), alpha=0.001).images == 8
+
+
+def test_two_runs_in_one_partition_name_their_files_and_the_repair_command(tmp_path):
+    write_votes(str(tmp_path), make_votes(4, 3, seed=0, run_id="run-a"))
+    write_votes(str(tmp_path), make_votes(4, 3, seed=1, first_image=4, run_id="run-b"), first_shard=1)
+    with pytest.raises(AggregateError) as err:
+        aggregate(str(tmp_path), alpha=0.001)
+    msg = str(err.value)
+    assert "mixes 2 values of run_id: ['run-a', 'run-b']" in msg and "densepure repair OUT" in msg
+    assert "run-a: " in msg and "shard=00000.parquet" in msg and "run-b: " in msg
+
+
 def test_missing_images_refused_unless_allow_partial(tmp_path):
     write_votes(str(tmp_path), make_votes(8, 3, seed=0))
     expected = {(0.25, "dds"): 10, (0.5, "dds"): 4}

@@ -7,6 +7,7 @@ classes, and a label beyond the classifier's width, through plan -> vote -> aggr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -87,7 +88,7 @@ def test_subset_without_num_classes_takes_the_loaded_width(tmp_path):
 
 
 def test_label_beyond_num_classes_is_refused_at_plan_time(tmp_path):
-    data = manifest_job(tmp_path, [0, 1, 12, -1])
+    data = manifest_job(tmp_path, [0, 1, 12, -1], classes=10)
     data["classifier"]["num_classes"] = 10
     with pytest.raises(PlanError) as err:
         plan_run(load_config(data=data))
@@ -96,17 +97,17 @@ def test_label_beyond_num_classes_is_refused_at_plan_time(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
-def test_label_beyond_the_loaded_width_is_refused_by_the_worker(tmp_path, monkeypatch):
+def test_label_beyond_the_loaded_width_is_refused_by_the_worker(tmp_path):
     data = manifest_job(tmp_path, [0, 1, -1, 2], on_bad_input="quarantine")  # 2-class classifier
     cfg = load_config(data=data)
     with pytest.raises(PlanError, match="has label 2, but the classifier has 2 outputs"):
-        plan_run(cfg)  # the local classifier's config.json says 2: refused before any worker
-    import tasks.certify.plan
-
-    monkeypatch.setattr(tasks.certify.plan, "classifier_width", lambda source: None)  # as for a remote classifier
-    plan = plan_run(cfg)
+        plan_run(cfg)  # the plan loads the classifier: refused before any worker
+    assert not (tmp_path / "out").exists()
+    # The workers check again (a manifest edited after planning): never quarantined.
+    plan = plan_run(load_config(data=manifest_job(tmp_path, [0, 1, -1, 1], on_bad_input="quarantine")))
     worker = VoteWorker(cfg, plan.num_classes, "test-worker")
     first, second = plan.tasks()[0], plan.tasks()[-1]
+    second = dataclasses.replace(second, records=(second.records[0], dataclasses.replace(second.records[1], label=2)))
     assert worker.run_shard(first).images == 2  # labels 0, 1: fine
     with pytest.raises(BadInputError) as err:  # never quarantined: the whole run disagrees
         worker.run_shard(second)

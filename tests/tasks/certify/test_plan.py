@@ -22,11 +22,24 @@ def image_folder(root, classes=("a", "b"), per_class=5):
     return root
 
 
+def _models(tmp):
+    """Tiny real models under ``tmp/models`` (the plan loads every model before writing anything)."""
+    from model_factory import tiny_classifier, tiny_ddpm
+
+    models = tmp / "models"
+    if not (models / "ddpm").exists():
+        tiny_ddpm(models / "ddpm")
+        tiny_classifier(models / "clf")
+        tiny_classifier(models / "clf5", num_classes=5)
+    return models
+
+
 def config(root, out, **over):
+    models = _models(root.parent)
     data = {
         "dataset": {"kind": "imagefolder", "path": str(root), "every": 2},
-        "classifier": {"source": "local-dir:/nowhere"},
-        "diffusion": {"source": "/nowhere"},
+        "classifier": {"source": f"local-dir:{models / 'clf'}"},
+        "diffusion": {"source": str(models / "ddpm")},
         "methods": [{"kind": "rs"}, {"kind": "densepure", "k": 3, "steps": 2}],
         "sigmas": [0.25, 0.5],
         "shard_size": 2,
@@ -79,7 +92,8 @@ def test_a_different_config_is_refused_naming_the_fields(tmp_path):
     assert not again.resumed and again.run_id != first.run_id
     assert yaml.safe_load((out / "config.yaml").read_text())["n"] == 77
     _voted(out)
-    with pytest.raises(PlanError, match=r"different config \(fields that differ: n, seed"):
+    with pytest.raises(PlanError, match=r"holds votes of partition\(s\) 0.25/rs, and this config changes what "
+                                        r"they depend on \(fields that differ: n, seed\)"):
         plan_run(config(root, out))
 
 
@@ -93,15 +107,12 @@ def test_interrupted_plan_is_redone(tmp_path):
 
 
 def test_steps_beyond_t_star_refused_and_hashes_recorded(tmp_path):
-    from model_factory import tiny_classifier, tiny_ddpm
-
     root = image_folder(tmp_path / "data")
-    ddpm, clf = tiny_ddpm(tmp_path / "ddpm"), tiny_classifier(tmp_path / "clf")
-    over = {"diffusion.source": str(ddpm), "classifier.source": f"local-dir:{clf}"}
+    ddpm, clf = _models(tmp_path) / "ddpm", _models(tmp_path) / "clf"
     with pytest.raises(PlanError, match=r"methods.1.steps = 200 exceeds t\* = 144"):
-        plan_run(config(root, tmp_path / "o1", **over, **{"methods.1.steps": 200}))
+        plan_run(config(root, tmp_path / "o1", **{"methods.1.steps": 200}))
     assert not (tmp_path / "o1").exists()  # refused before anything is written
-    plan_run(config(root, tmp_path / "o2", **over))
+    plan_run(config(root, tmp_path / "o2"))
     run = json.loads((tmp_path / "o2" / "run.json").read_text())
     assert run["t_star"] == {"0.25": 144, "0.5": 258}
     weights = run["model_hashes"][str(ddpm)]
@@ -113,7 +124,8 @@ def test_steps_beyond_t_star_refused_and_hashes_recorded(tmp_path):
 def test_classifier_num_classes_decides_and_labels_are_checked(tmp_path):
     # Two class folders, classifier.num_classes 5: a subset of the classes, planned as it is.
     root = image_folder(tmp_path / "data")
-    plan = plan_run(config(root, tmp_path / "out", **{"classifier.num_classes": 5}))
+    clf5 = f"local-dir:{_models(tmp_path) / 'clf5'}"
+    plan = plan_run(config(root, tmp_path / "out", **{"classifier.num_classes": 5, "classifier.source": clf5}))
     assert plan.num_classes == 5
     assert json.loads((tmp_path / "out" / "run.json").read_text())["num_classes"] == 5
     # Without it, nothing is invented from the data: the workers use the classifier's width.
@@ -123,3 +135,7 @@ def test_classifier_num_classes_decides_and_labels_are_checked(tmp_path):
     with pytest.raises(PlanError, match=r"'c/0.png' .* has label 2, but the classifier has 2 outputs"):
         plan_run(config(root3, tmp_path / "out3", **{"classifier.num_classes": 2}))
     assert not (tmp_path / "out3").exists()
+    # Without classifier.num_classes the loaded classifier's width is checked the same way.
+    with pytest.raises(PlanError, match=r"'c/0.png' .* has label 2, but the classifier has 2 outputs"):
+        plan_run(config(root3, tmp_path / "out4"))
+    assert not (tmp_path / "out4").exists()

@@ -19,9 +19,14 @@ def _config(tmp_path, **over):
             (root / c).mkdir(parents=True)
             for i in range(3):
                 Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    from model_factory import tiny_classifier
+
+    clf = tmp_path / "clf"
+    if not clf.exists():
+        tiny_classifier(clf)
     data = {
         "dataset": {"kind": "imagefolder", "path": str(root)},
-        "classifier": {"source": "local-dir:/nowhere"},
+        "classifier": {"source": f"local-dir:{clf}"},
         "methods": [{"kind": "rs"}],
         "sigmas": [0.25],
         "shard_size": 2,
@@ -78,7 +83,7 @@ def test_a_run_json_hash_of_nothing_known_is_refused(tmp_path):
 def test_other_fields_are_still_reported_by_name(tmp_path):
     plan_run(_config(tmp_path))
     _edit_run(tmp_path / "out")  # voted: the stored config is the run's
-    with pytest.raises(PlanError, match=r"fields that differ: n, seed;"):
+    with pytest.raises(PlanError, match=r"fields that differ: n, seed\)"):
         plan_run(_config(tmp_path, n=7, seed=2))
     # operational fields never block a resume
     assert plan_run(_config(tmp_path, alpha=0.01, batch_size=3)).run_id

@@ -9,7 +9,7 @@ from model_factory import tiny_job
 
 from densepure_core.config import load_config
 from tasks.common.layout import VOTES_SCHEMA
-from tasks.certify.plan import plan_run
+from tasks.certify.plan import partition_key, plan_run
 from tasks.certify.vote import VoteWorker, run_vote_stage, shard_is_complete
 
 
@@ -40,7 +40,10 @@ def test_vote_files_follow_the_schema(reference):
     table = pq.read_table(plan.tasks()[0].uri)
     assert table.schema.equals(VOTES_SCHEMA)
     row = table.to_pylist()[0]
-    assert row["config_hash"] == cfg.config_hash() and row["run_id"] == plan.run_id
+    # each partition's rows carry its identity (tasks/certify/plan.py partition_hashes), and the
+    # fingerprints of the models that voted them
+    assert row["config_hash"] == plan.partition_hashes[partition_key(row["sigma"], row["method"])]
+    assert row["run_id"] == plan.run_id and row["classifier_fingerprint"] == plan.fingerprints[cfg.classifier.source]
     assert sum(row["counts0"]) == cfg.n0 and sum(row["counts"]) == cfg.n and len(row["counts"]) == 2
     assert all(r.unet_calls == 0 for r in results if r.method == "rs")
     # DDS: one UNet call per copy; DensePure: at most k * steps per copy, fewer with early exit.
