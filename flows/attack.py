@@ -9,9 +9,7 @@ missing (tasks/attack/plan.py).
 
 from __future__ import annotations
 
-import sys
 import time
-from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -26,33 +24,10 @@ from densepure_core.config.attack import AttackConfig
 from tasks.attack.plan import AttackPlan, plan_attack
 from tasks.attack.summary import write_attack_report
 from tasks.attack.worker import AttackShardResult, run_attack_stage
+from flows.progress import ShardProgress
 from tasks.common.run_dir import RunDir
 
-__all__ = ["attack_flow", "attack_config_file", "run_attack_job", "AttackProgress"]
-
-
-@dataclass
-class AttackProgress:
-    """Live progress of the attack stage: images done/total, images/s, ETA (stderr)."""
-
-    total: int
-    done: int = 0
-    computed: int = 0
-    start: float = field(default_factory=time.perf_counter)
-    stream: object = field(default_factory=lambda: sys.stderr)
-
-    def __call__(self, res: AttackShardResult) -> None:
-        handled = res.images + res.quarantined
-        self.done += handled
-        if not res.skipped:
-            self.computed += handled
-        elapsed = time.perf_counter() - self.start
-        rate = self.computed / elapsed if elapsed > 0 else 0.0
-        eta = f"ETA {(self.total - self.done) / rate:.0f}s" if rate > 0 else "ETA -"
-        tag = "skipped (complete)" if res.skipped else f"{res.seconds:.1f}s"
-        print(f"  [attack] {self.done}/{self.total} image-partitions ({100 * self.done / max(1, self.total):.0f}%)  "
-              f"{rate:.2f}/s  {eta}  | {res.defense} {res.threat} {res.attack} shard {res.shard} {tag}",
-              file=self.stream, flush=True)
+__all__ = ["attack_flow", "attack_config_file", "run_attack_job"]
 
 
 @task(name="plan-attack")
@@ -66,7 +41,8 @@ def plan_task(cfg: AttackConfig, run: RunDir) -> AttackPlan:
 @task(name="attack")
 def attack_task(cfg: AttackConfig, plan: AttackPlan, ray_address: str | None, progress: bool) -> list[AttackShardResult]:
     total = len(plan.records) * len(plan.partitions)
-    printer = AttackProgress(total) if progress else None
+    printer = ShardProgress(total, "attack", "image-partitions",
+                            lambda r: f"{r.defense} {r.threat} {r.attack} shard {r.shard}") if progress else None
     artifact = create_progress_artifact(0.0, key="densepure-attack-progress", description="image-partitions attacked (%)")
     done = 0
 
@@ -78,6 +54,8 @@ def attack_task(cfg: AttackConfig, plan: AttackPlan, ray_address: str | None, pr
         update_progress_artifact(artifact, 100.0 * done / max(1, total))
 
     results = run_attack_stage(cfg, plan, ray_address=ray_address, on_result=on_result)
+    if printer:
+        printer.finish()
     for r in results:
         if r.recomputed_reason:
             get_run_logger().warning("recomputed shard %s/%s/%s %s: %s", r.defense, r.threat, r.attack, r.shard,
@@ -95,26 +73,28 @@ def attack_flow(config: dict, out: str | None = None, ray_address: str | None = 
     """Attack the dataset of ``config``; returns per-stage seconds, the report and counts."""
     cfg = AttackConfig.model_validate(config)
     run = RunDir(out or cfg.out)  # the run's one handle, from here down
-    timings = {}
-    t0 = time.perf_counter()
-    plan = plan_task(cfg, run)
-    timings["plan"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    results = attack_task(cfg, plan, ray_address, progress)
-    timings["attack"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    quarantined: dict = {}
-    for r in results:
-        quarantined[(r.defense, r.threat, r.attack)] = quarantined.get((r.defense, r.threat, r.attack), 0) + r.quarantined
-    expected = {p: len(plan.records) - quarantined.get(p, 0) for p in plan.partitions}
-    report = report_task(run, expected)
-    timings["report"] = time.perf_counter() - t0
-    create_markdown_artifact(report, key="densepure-attack-report", description=f"attack evaluation report for {run}")
-    create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
-                          key="densepure-attack-stage-timings")
-    return {"out": run.root, "run_id": plan.run_id, "timings": timings, "report": report,
-            "computed_shards": sum(not r.skipped for r in results), "skipped_shards": sum(r.skipped for r in results),
-            "images": len(plan.records), "quarantined": sum(quarantined.values())}
+    with run.lease(f"densepure attack, run name {cfg.run_name!r}") as lease:  # one run per OUT at a time
+        timings = {}
+        t0 = time.perf_counter()
+        plan = plan_task(cfg, run)
+        timings["plan"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results = attack_task(cfg, plan, ray_address, progress)
+        timings["attack"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lease.check()  # a run that lost its lease publishes nothing
+        quarantined: dict = {}
+        for r in results:
+            quarantined[(r.defense, r.threat, r.attack)] = quarantined.get((r.defense, r.threat, r.attack), 0) + r.quarantined
+        expected = {p: len(plan.records) - quarantined.get(p, 0) for p in plan.partitions}
+        report = report_task(run, expected)
+        timings["report"] = time.perf_counter() - t0
+        create_markdown_artifact(report, key="densepure-attack-report", description=f"attack evaluation report for {run}")
+        create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
+                              key="densepure-attack-stage-timings")
+        return {"out": run.root, "run_id": plan.run_id, "timings": timings, "report": report,
+                "computed_shards": sum(not r.skipped for r in results), "skipped_shards": sum(r.skipped for r in results),
+                "images": len(plan.records), "quarantined": sum(quarantined.values())}
 
 
 @flow(name="densepure-attack-file")

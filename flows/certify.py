@@ -10,9 +10,7 @@ Rerunning the same command on the same OUT finishes only what is missing (see ta
 from __future__ import annotations
 
 import os
-import sys
 import time
-from dataclasses import dataclass, field
 
 # Importing this module sets no environment variable: Prefect reads its settings when it is
 # imported (just below), so the quiet local defaults (flows/environment.py) are applied by the
@@ -33,36 +31,10 @@ from tasks.certify import report as report_mod
 from tasks.certify.plan import Plan, plan_run, plan_summary, record_published_tables
 from tasks.certify.vote import ShardResult, run_vote_stage
 from tasks.common.quarantine import quarantined_counts
+from flows.progress import ShardProgress
 from tasks.common.run_dir import RunDir
 
-__all__ = ["certify_flow", "certify_config_file", "ProgressPrinter", "run_certify"]
-
-
-@dataclass
-class ProgressPrinter:
-    """Live progress of the vote stage: images done/total, images/s, ETA (stderr)."""
-
-    total: int
-    done: int = 0
-    computed: int = 0
-    start: float = field(default_factory=time.perf_counter)
-    stream: object = field(default_factory=lambda: sys.stderr)
-
-    def __call__(self, res: ShardResult) -> None:
-        handled = res.images + res.quarantined  # quarantined images are done too
-        self.done += handled
-        if not res.skipped:
-            self.computed += handled
-        elapsed = time.perf_counter() - self.start
-        rate = self.computed / elapsed if elapsed > 0 else 0.0
-        remaining = self.total - self.done
-        # No rate before the first computed shard (a resumed run reports its complete shards
-        # first): the ETA is unknown then, not "nan".
-        eta = f"{remaining / rate:.0f}s" if rate > 0 else ("0s" if remaining <= 0 else "-")
-        tag = "skipped (complete)" if res.skipped else f"{res.seconds:.1f}s"
-        print(f"  [vote] {self.done}/{self.total} images ({100 * self.done / max(1, self.total):.0f}%)  "
-              f"{rate:.2f} img/s  ETA {eta}  | sigma={res.sigma} {res.method} shard {res.shard} {tag}",
-              file=self.stream, flush=True)
+__all__ = ["certify_flow", "certify_config_file", "run_certify"]
 
 
 @task(name="plan")
@@ -75,7 +47,8 @@ def plan_task(cfg: CertifyConfig, run: RunDir) -> Plan:
 @task(name="vote")
 def vote_task(cfg: CertifyConfig, plan: Plan, ray_address: str | None, progress: bool) -> list[ShardResult]:
     total = len(plan.records) * len(plan.partitions)
-    printer = ProgressPrinter(total) if progress else None
+    printer = ShardProgress(total, "vote", "images", lambda r: f"sigma={r.sigma} {r.method} shard {r.shard}") \
+        if progress else None
     artifact = create_progress_artifact(0.0, key="densepure-vote-progress", description="images voted (%)")
     done = 0
 
@@ -87,6 +60,8 @@ def vote_task(cfg: CertifyConfig, plan: Plan, ray_address: str | None, progress:
         update_progress_artifact(artifact, 100.0 * done / max(1, total))
 
     results = run_vote_stage(cfg, plan, ray_address=ray_address, on_result=on_result)
+    if printer:
+        printer.finish()
     logger = get_run_logger()
     recomputed = [r for r in results if r.recomputed_reason]
     for r in recomputed:
@@ -116,32 +91,34 @@ def certify_flow(config: dict, out: str | None = None, ray_address: str | None =
     """Certify the dataset of ``config``; returns per-stage seconds and the output location."""
     cfg = CertifyConfig.model_validate(config)
     run = RunDir(out or cfg.out)  # the run's one handle, from here down
-    timings = {}
-    t0 = time.perf_counter()
-    plan = plan_task(cfg, run)
-    timings["plan"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    results = vote_task(cfg, plan, ray_address, progress)
-    timings["vote"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    quarantined = quarantined_counts(run)
-    expected = {p: n - quarantined.get(p, 0) for p, n in plan.expected_images().items()}
-    aggregate_task(run, cfg.alpha, cfg.radii, expected, allow_partial, quarantined)
-    timings["aggregate"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    report = report_task(run)
-    timings["report"] = time.perf_counter() - t0
-    create_markdown_artifact(report, key="densepure-report", description=f"certification report for {run}")
-    create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
-                          key="densepure-stage-timings")
-    plot_url = run.plot_uri if run.is_s3 else f"file://{os.path.abspath(run.plot_uri)}"
-    create_image_artifact(image_url=plot_url, key="densepure-certified-accuracy",
-                          description="certified accuracy vs L2 radius")
-    return {
-        "out": run.root, "run_id": plan.run_id, "timings": timings, "report": report,
-        "computed_shards": sum(not r.skipped for r in results), "skipped_shards": sum(r.skipped for r in results),
-        "images": len(plan.records), "quarantined": sum(quarantined.values()),
-    }
+    with run.lease(f"densepure certify, run name {cfg.run_name!r}") as lease:  # one run per OUT at a time
+        timings = {}
+        t0 = time.perf_counter()
+        plan = plan_task(cfg, run)
+        timings["plan"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results = vote_task(cfg, plan, ray_address, progress)
+        timings["vote"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lease.check()  # a run that lost its lease publishes nothing
+        quarantined = quarantined_counts(run)
+        expected = {p: n - quarantined.get(p, 0) for p, n in plan.expected_images().items()}
+        aggregate_task(run, cfg.alpha, cfg.radii, expected, allow_partial, quarantined)
+        timings["aggregate"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        report = report_task(run)
+        timings["report"] = time.perf_counter() - t0
+        create_markdown_artifact(report, key="densepure-report", description=f"certification report for {run}")
+        create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
+                              key="densepure-stage-timings")
+        plot_url = run.plot_uri if run.is_s3 else f"file://{os.path.abspath(run.plot_uri)}"
+        create_image_artifact(image_url=plot_url, key="densepure-certified-accuracy",
+                              description="certified accuracy vs L2 radius")
+        return {
+            "out": run.root, "run_id": plan.run_id, "timings": timings, "report": report,
+            "computed_shards": sum(not r.skipped for r in results), "skipped_shards": sum(r.skipped for r in results),
+            "images": len(plan.records), "quarantined": sum(quarantined.values()),
+        }
 
 
 @flow(name="densepure-certify-file")

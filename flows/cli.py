@@ -6,6 +6,7 @@
     densepure sql OUT "SELECT ..." [--alpha A] [--format table|csv|json]
     densepure report OUT
     densepure export-tsv OUT [--dest DIR]
+    densepure repair OUT
     densepure train-toy [--out DIR] [--seed N] [--quick]
     densepure config show [--config FILE] [--set k=v ...]
     densepure convert-adm CHECKPOINT OUT_DIR [--preset ...]
@@ -20,9 +21,27 @@ from pathlib import Path
 
 import typer
 
-from flows.cli_models import (
-    register as _register_models,  # (convert-adm, models fetch/list)
-)
+from flows.cli_models import register as _register_models  # (convert-adm, models fetch/list)
+
+
+def _flags_show_no_type() -> None:
+    """typer 0.29's rich help gives every flag a type column, ``<bool>``, as if it took a value
+    (``--allow-partial true`` is refused: a flag takes none); its plain help leaves flags
+    untyped. Show flags as flags: no type for an option that is a flag."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_densepure_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag and self.metavar is None else shown(self, ctx)
+
+    display_type_rich._densepure_flags = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Certified robustness of image classifiers with diffusion purification "
@@ -216,9 +235,12 @@ def attack(
 
     _quiet_console_tracebacks()
     out = out or cfg.out
+    grid = len(cfg.defenses) * len(cfg.threats) * len(cfg.attacks)
+    skipped = grid - len(cfg.partitions())  # dwbox and bpda attack a purifier, never the bare classifier
     typer.echo(f"densepure attack: run '{cfg.run_name}' -> {out} ({len(cfg.defenses)} defenses x "
-               f"{len(cfg.threats)} threats x {len(cfg.attacks)} attacks = {len(cfg.partitions())} partitions, "
-               f"M={cfg.score_purifications})", err=True)
+               f"{len(cfg.threats)} threats x {len(cfg.attacks)} attacks = {grid}"
+               + (f", less {skipped} that do not apply (dwbox and bpda on the bare classifier)" if skipped else "")
+               + f": {len(cfg.partitions())} partitions, M={cfg.score_purifications})", err=True)
     try:
         result = run_attack_job(cfg, out=out, ray_address=ray_address)
     except KeyboardInterrupt:
@@ -260,14 +282,16 @@ def train_addt(
 @app.command()
 def sql(
     out: str = typer.Argument(..., help="A results directory or s3:// prefix."),
-    query: str = typer.Argument(..., help="SQL over the views votes, certificates, accuracy (certify) or "
-                                          "attacks, attack_summary (attack), and errors."),
+    query: str = typer.Argument(..., help="SQL over the views votes, certificates, accuracy (certify), "
+                                          "attacks, attack_summary (attack), train_metrics (train-addt) and "
+                                          "errors."),
     alpha: float = typer.Option(None, "--alpha", help="Re-certify from the stored counts at this alpha (no GPU)."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
 ):
     """Query results with DuckDB (read-only): views votes, certificates, accuracy (certify), attacks,
-    attack_summary (attack), errors, plus UDFs cp_lower(n_a, n, alpha), norm_ppf(p),
-    smoothing_radius(sigma, p), binom_pvalue(c1, c2), wilson_low/wilson_high(successes, n, confidence)."""
+    attack_summary (attack), train_metrics (train-addt), errors; UDFs cp_lower(n_a, n, alpha),
+    anytime_lower(n_a, n, alpha, bound, bound_params), norm_ppf(p), smoothing_radius(sigma, p),
+    binom_pvalue(c1, c2), wilson_low/wilson_high(successes, n, confidence)."""
     from tasks.query import run_query
 
     if fmt not in ("table", "csv", "json"):
@@ -287,6 +311,26 @@ def report(out: str = typer.Argument(..., help="A results directory or s3:// pre
         typer.echo(rebuild_report(out))
     except Exception as exc:  # noqa: BLE001
         _fail_with_cause(exc)
+
+
+@app.command()
+def repair(out: str = typer.Argument(..., help="A results directory or s3:// prefix.")):
+    """Make an OUT that two runs wrote at once hold one run again: shards of another run with this
+    run's partition identity are relabelled (same counts), the others removed (voted again on the
+    next run). The aggregate's "mixes 2 values of run_id" error names this command."""
+    from tasks.common.repair import repair as _repair
+
+    try:
+        result = _repair(out)
+    except Exception as exc:  # noqa: BLE001 - a missing or busy OUT: one error: line
+        _fail_with_cause(exc)
+    typer.echo(f"repair: {result.checked} shard file(s) checked; {len(result.relabelled)} relabelled to run "
+               f"{result.run_id} (same partition identity, same counts), {len(result.removed)} removed (another "
+               f"config: rerun the job to compute them again)")
+    for uri in result.relabelled:
+        typer.echo(f"  relabelled {uri}")
+    for uri in result.removed:
+        typer.echo(f"  removed {uri}")
 
 
 @app.command("export-tsv")

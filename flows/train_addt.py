@@ -92,21 +92,23 @@ def train_addt_flow(config: dict, out: str | None = None, ray_address: str | Non
     """Fine-tune with ADDT per ``config``; returns the model's URI, the report and stage timings."""
     cfg = AddtConfig.model_validate(config)
     run = RunDir(out or cfg.out)  # the run's one handle, from here down (the plan makes a local root absolute)
-    timings = {}
-    t0 = time.perf_counter()
-    plan = plan_task(cfg, run)
-    timings["plan"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    checkpoint = train_task(cfg, plan, ray_address, progress)
-    timings["train"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model, report = export_task(cfg, plan, checkpoint, timings["train"])
-    timings["export"] = time.perf_counter() - t0
-    create_markdown_artifact(report, key="densepure-train-addt-report", description=f"ADDT training report for {plan.run}")
-    create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
-                          key="densepure-train-addt-stage-timings")
-    return {"out": plan.run.root, "run_id": plan.run_id, "model": model, "checkpoint": checkpoint, "timings": timings,
-            "report": report}
+    with run.lease(f"densepure train-addt, run name {cfg.run_name!r}") as lease:  # one run per OUT at a time
+        timings = {}
+        t0 = time.perf_counter()
+        plan = plan_task(cfg, run)
+        timings["plan"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        checkpoint = train_task(cfg, plan, ray_address, progress)
+        timings["train"] = time.perf_counter() - t0
+        lease.check()  # a run that lost its lease publishes nothing
+        t0 = time.perf_counter()
+        model, report = export_task(cfg, plan, checkpoint, timings["train"])
+        timings["export"] = time.perf_counter() - t0
+        create_markdown_artifact(report, key="densepure-train-addt-report", description=f"ADDT training report for {plan.run}")
+        create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
+                              key="densepure-train-addt-stage-timings")
+        return {"out": plan.run.root, "run_id": plan.run_id, "model": model, "checkpoint": checkpoint, "timings": timings,
+                "report": report}
 
 
 @flow(name="densepure-train-addt-file")

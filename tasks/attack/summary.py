@@ -85,7 +85,7 @@ def write_attack_report(out: RunDir | str, *, expected: dict | None = None) -> s
             SELECT defense, threat, attack, any_value(attack_kind), any_value(norm), any_value(eps),
                    any_value(t_star), any_value(steps), any_value(k), any_value(iterations), any_value(eot),
                    any_value(step_size), any_value(random_start), any_value(score_purifications)
-            FROM attacks GROUP BY ALL ORDER BY ALL""").fetchall()
+            FROM attacks GROUP BY ALL ORDER BY defense, any_value(norm), any_value(eps), threat, attack""").fetchall()
     finally:
         con.close()
     run.write_parquet(run.tables_uri("attack_summary.parquet"), table)

@@ -9,7 +9,8 @@ A :class:`RunDir` is made once at the edge (the CLI, a flow, a deployment) from 
   (``run.shard_uri(0.25, "dds", 3)`` is ``OUT/votes/sigma=0.25/method=dds/shard=00003.parquet``);
 - atomic reads and writes under it (:mod:`tasks.common.storage` with this file system);
 - the run's metadata: ``config.yaml`` (the resolved config, whose ``job:`` says which job wrote
-  OUT) and ``run.json``.
+  OUT) and ``run.json``;
+- the lease a running job holds on it (``run.lease(holder)``, :mod:`tasks.common.lease`).
 
 It pickles without its file system (a Ray worker that receives one opens its own), so it travels
 in shard tasks and Prefect task parameters::
@@ -23,6 +24,7 @@ The layout::
 
     OUT/
       config.yaml, manifest.parquet, run.json          the plan (every job)
+      lease.json                                       the lease of the run writing OUT (while it runs)
       votes/sigma=<s>/method=<m>/shard=<id>.parquet    VOTES_SCHEMA, one row per image
       errors/sigma=<s>/method=<m>/shard=<id>.parquet   ERRORS_SCHEMA, quarantined images
       tables/certificates.parquet, accuracy.parquet, summary.json
@@ -164,6 +166,13 @@ class RunDir:
 
     def write_run(self, run: dict) -> None:
         self.write_text(self.run_uri, json.dumps(run, indent=2))
+
+    def lease(self, holder: str):
+        """This run's exclusive lease on OUT (:class:`tasks.common.lease.Lease`), not yet taken:
+        ``with run.lease("certify 'nightly'"):`` holds it for the block."""
+        from tasks.common.lease import Lease
+
+        return Lease(self, holder)
 
     def job(self) -> str | None:
         """The job that planned OUT (``certify``, ``attack``, ``train-addt``), None when it holds no plan."""
