@@ -22,6 +22,8 @@ Example::
 
 from __future__ import annotations
 
+import re
+
 import duckdb
 
 from tasks.attack import views as attack_views
@@ -89,11 +91,19 @@ def run_query(out: "RunDir | str", sql: str, *, alpha: float | None = None, fmt:
         except duckdb.Error as exc:
             hint = ""
             text = str(exc)
-            if "Catalog Error" in text and ("certificates" in text or "accuracy" in text):
-                hint = ("\nThe certificates/accuracy tables are not published yet: run the "
-                        "aggregate stage (rerun `densepure certify` with the same config and "
-                        "--out: it votes only what is missing, then publishes them), or pass "
-                        "--alpha to certify from the votes.")
+            missing = re.search(r"Table with name (\w+) does not exist", text)
+            if missing:
+                # DuckDB suggests its own catalog ("Did you mean pg_views?"): name the views this
+                # OUT has instead.
+                text = text.split("!")[0] + "."
+                views = [r[0] for r in con.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal "
+                                               "ORDER BY view_name").fetchall()]
+                hint = f"\nThis OUT has the views: {', '.join(views)}."
+                if missing.group(1) in ("certificates", "accuracy"):
+                    hint += (" The certificates/accuracy tables are not published yet: run the "
+                             "aggregate stage (rerun `densepure certify` with the same config and "
+                             "--out: it votes only what is missing, then publishes them), or pass "
+                             "--alpha to certify from the votes.")
             raise QueryError(f"query failed: {text}{hint}") from None
     finally:
         con.close()

@@ -8,6 +8,7 @@ parsed as YAML. Every invalid value is refused with a message that names the fie
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
 import json
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from densepure_core.config.certify import CertifyConfig
-from densepure_core.config.fields import ConfigError
+from densepure_core.config.fields import ConfigError, _nested_models
 
 __all__ = ["PACKAGED_CONFIGS", "packaged_config", "resolve_config_path", "load_config", "apply_overrides"]
 
@@ -25,12 +26,39 @@ __all__ = ["PACKAGED_CONFIGS", "packaged_config", "resolve_config_path", "load_c
 PACKAGED_CONFIGS = importlib.resources.files("densepure_core.config") / "presets"
 
 
-def _format_errors(exc: ValidationError, origin: str) -> str:
-    lines = [f"invalid config ({origin}):"]
+def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
+    """The field names of the (nested) model at ``path`` (list indices skipped); [] if unknown."""
+    current = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        info = current.model_fields.get(part)
+        nested = _nested_models(info.annotation) if info else []
+        if not nested:
+            return []
+        current = nested[0]
+    return list(current.model_fields)
+
+
+def _format_errors(exc: ValidationError, origin: str, model: type[BaseModel], overrides: list[str]) -> str:
+    """One line per invalid field. An unknown field gets the closest real names ("did you mean"),
+    and one that came from ``--set`` is reported against ``--set``, not against the YAML file."""
+    set_keys = {item.split("=", 1)[0].strip() for item in overrides if "=" in item}
+    from_set, from_file = [], []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg}")
+        if err["type"] == "extra_forbidden":
+            known = _fields_at(model, tuple(err["loc"][:-1]))
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=3, cutoff=0.6)
+            msg = "no such field" + (f"; did you mean {' or '.join(close)}?" if close else
+                                     f" (fields here: {', '.join(known)})" if known else "")
+        (from_set if loc in set_keys else from_file).append(f"  {loc}: {msg}")
+    lines = []
+    if from_set:
+        lines += ["invalid --set override(s):"] + [line.replace("  ", "  --set ", 1) for line in from_set]
+    if from_file:
+        lines += [f"invalid config ({origin}):"] + from_file
     return "\n".join(lines)
 
 
@@ -163,5 +191,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, origin)) from None
+        raise ConfigError(_format_errors(exc, origin, model, overrides or [])) from None
 

@@ -278,12 +278,13 @@ def _load_timm_checkpoint(file: Path, *, what: str, model_name: str | None,
                           model_args: dict) -> torch.nn.Module:
     import timm
 
+    if not file.is_file():  # first: a missing file is the problem, whatever else is missing
+        raise ModelLoadError(f"{what}: no such file; check the path (a timm name, 'hf-hub:org/name' or "
+                             f"'local-dir:/path' are the other kinds of source)")
     if model_name is None or num_classes is None:
         raise ModelLoadError(f"{what}: a checkpoint file holds weights only; pass the timm "
                              f"architecture and class count, e.g. model_name="
                              f"'vit_base_patch16_224', num_classes=10")
-    if not file.is_file():
-        raise ModelLoadError(f"{what}: no such file")
     state_dict = read_state_dict(file, allow_pickle=allow_pickle, what=what)
     try:
         model = timm.create_model(model_name, pretrained=False, num_classes=num_classes,

@@ -17,7 +17,7 @@ _RULE_COLUMNS = (("mean", "clean_mean", "adv_mean"), ("majority", "clean_majorit
 SUMMARY_SQL = f"""
 WITH per_rule AS (
     {" UNION ALL ".join(
-        f"SELECT run_id, defense, threat, attack, '{rule}' AS rule, {i} AS rule_order, "
+        f"SELECT run_id, defense, threat, norm, eps, attack, '{rule}' AS rule, {i} AS rule_order, "
         f"CAST({c} AS DOUBLE) AS clean, CAST({a} AS DOUBLE) AS robust, gradient_calls, unet_calls, seconds "
         f"FROM attacks" for i, (rule, c, a) in enumerate(_RULE_COLUMNS))}
 )
@@ -32,6 +32,7 @@ SELECT any_value(run_id) AS run_id, defense, threat, attack, rule, count(*) AS i
        avg(gradient_calls) AS gradient_calls, avg(unet_calls) AS unet_calls, avg(seconds) AS seconds
 FROM per_rule
 GROUP BY defense, threat, attack, rule, rule_order
-ORDER BY defense, threat, attack, rule_order
+-- threats by norm and radius (linf-8 before linf-32), not by their labels' text
+ORDER BY defense, min(norm), min(eps), threat, attack, rule_order
 """
 """The ``attack_summary`` query over a view ``attacks`` (needs the UDFs of tasks.common.sqlfuncs)."""

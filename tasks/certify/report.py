@@ -368,6 +368,13 @@ def export_tsv(out: RunDir | str, dest: str | None = None) -> list[str]:
             would be unreadable).
     """
     run = RunDir.of(out)
+    job = run.job()
+    if job not in (None, "certify"):
+        what, view = (("an attack evaluation", "attacks") if job == "attack" else
+                      ("an ADDT training run", "train_metrics"))
+        raise ReportError(f"{run} holds {what} (densepure {job}), not a certification: export-tsv writes "
+                          f"Cohen-style certification files. Its rows are in SQL: densepure sql {run} "
+                          f"\"SELECT * FROM {view}\" --format csv; its report: densepure report {run}")
     _require_tables(run)
     dest = dest or run.tsv_dir
     con = connect(run)

@@ -429,6 +429,10 @@ def test_corrupt_checkpoints(tiny_timm, tmp_path):
     with pytest.raises(ModelLoadError, match=r"no such file"):
         load_classifier(str(tmp_path / "absent.safetensors"), model_name="test_resnet",
                         num_classes=10)
+    # without model_name too: the missing file is the problem, not the missing model_name
+    with pytest.raises(ModelLoadError, match=r"absent\.pt.*no such file; check the path") as info:
+        load_classifier(str(tmp_path / "absent.pt"))
+    assert "model_name" not in str(info.value)
 
 
 def test_local_dir_errors(tiny_timm, tmp_path):
