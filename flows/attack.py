@@ -78,32 +78,42 @@ def attack_flow(config: dict, out: str | None = None, ray_address: str | None = 
         t0 = time.perf_counter()
         plan = plan_task(cfg, run)
         timings["plan"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        results = attack_task(cfg, plan, ray_address, progress)
-        timings["attack"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        lease.check()  # a run that lost its lease publishes nothing
-        quarantined: dict = {}
-        for r in results:
-            quarantined[(r.defense, r.threat, r.attack)] = quarantined.get((r.defense, r.threat, r.attack), 0) + r.quarantined
-        expected = {p: len(plan.records) - quarantined.get(p, 0) for p in plan.partitions}
-        report = report_task(run, expected)
-        timings["report"] = time.perf_counter() - t0
-        create_markdown_artifact(report, key="densepure-attack-report", description=f"attack evaluation report for {run}")
-        create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
-                              key="densepure-attack-stage-timings")
-        return {"out": run.root, "run_id": plan.run_id, "timings": timings, "report": report,
-                "computed_shards": sum(not r.skipped for r in results), "skipped_shards": sum(r.skipped for r in results),
-                "images": len(plan.records), "quarantined": sum(quarantined.values())}
+        with run.running():  # run.json says running, then complete, partial or failed
+            t0 = time.perf_counter()
+            results = attack_task(cfg, plan, ray_address, progress)
+            timings["attack"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            lease.check()  # a run that lost its lease publishes nothing
+            quarantined: dict = {}
+            for r in results:
+                quarantined[(r.defense, r.threat, r.attack)] = quarantined.get((r.defense, r.threat, r.attack), 0) + r.quarantined
+            expected = {p: len(plan.records) - quarantined.get(p, 0) for p in plan.partitions}
+            report = report_task(run, expected)
+            timings["report"] = time.perf_counter() - t0
+            create_markdown_artifact(report, key="densepure-attack-report", description=f"attack evaluation report for {run}")
+            create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
+                                  key="densepure-attack-stage-timings")
+            return {"out": run.root, "run_id": plan.run_id, "timings": timings, "report": report,
+                    "computed_shards": sum(not r.skipped for r in results), "skipped_shards": sum(r.skipped for r in results),
+                    "images": len(plan.records), "quarantined": sum(quarantined.values())}
 
 
 @flow(name="densepure-attack-file")
 def attack_config_file(config_path: str = "attack_default", out: str | None = None,
-                       overrides: list[str] | None = None, ray_address: str | None = None) -> dict:
+                       overrides: list[str] | None = None, ray_address: str | None = None,
+                       store: str | None = None) -> dict:
     """Deployment entry point (prefect.yaml): attack with the config at ``config_path`` (a YAML
-    file or a packaged preset name)."""
+    file or a packaged preset name). ``store`` (without ``out``): as for certify, the run lands
+    in that run store and is compared with its previous complete run (flows/stored.py)."""
+    from flows.stored import compare_with_previous, out_in_store
+
     cfg = load_config(config_path, overrides or [], model=AttackConfig)
-    return attack_flow(cfg.model_dump(mode="json"), out=out, ray_address=ray_address, progress=False)
+    if out is None and store:
+        out = out_in_store(store, "attack", cfg.config_hash(), cfg.run_name)
+    result = attack_flow(cfg.model_dump(mode="json"), out=out, ray_address=ray_address, progress=False)
+    if store and out is not None:
+        compare_with_previous(store, "attack", result["out"], "densepure-store-run")
+    return result
 
 
 def run_attack_job(cfg: AttackConfig, out: str | None = None, ray_address: str | None = None,

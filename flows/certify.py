@@ -96,38 +96,52 @@ def certify_flow(config: dict, out: str | None = None, ray_address: str | None =
         t0 = time.perf_counter()
         plan = plan_task(cfg, run)
         timings["plan"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        results = vote_task(cfg, plan, ray_address, progress)
-        timings["vote"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        lease.check()  # a run that lost its lease publishes nothing
-        quarantined = quarantined_counts(run)
-        expected = {p: n - quarantined.get(p, 0) for p, n in plan.expected_images().items()}
-        aggregate_task(run, cfg.alpha, cfg.radii, expected, allow_partial, quarantined)
-        timings["aggregate"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        report = report_task(run)
-        timings["report"] = time.perf_counter() - t0
-        create_markdown_artifact(report, key="densepure-report", description=f"certification report for {run}")
-        create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
-                              key="densepure-stage-timings")
-        plot_url = run.plot_uri if run.is_s3 else f"file://{os.path.abspath(run.plot_uri)}"
-        create_image_artifact(image_url=plot_url, key="densepure-certified-accuracy",
-                              description="certified accuracy vs L2 radius")
-        return {
-            "out": run.root, "run_id": plan.run_id, "timings": timings, "report": report,
-            "computed_shards": sum(not r.skipped for r in results), "skipped_shards": sum(r.skipped for r in results),
-            "images": len(plan.records), "quarantined": sum(quarantined.values()),
-        }
+        with run.running() as status:  # run.json says running, then complete, partial or failed
+            t0 = time.perf_counter()
+            results = vote_task(cfg, plan, ray_address, progress)
+            timings["vote"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            lease.check()  # a run that lost its lease publishes nothing
+            quarantined = quarantined_counts(run)
+            expected = {p: n - quarantined.get(p, 0) for p, n in plan.expected_images().items()}
+            status.partial = aggregate_task(run, cfg.alpha, cfg.radii, expected, allow_partial,
+                                            quarantined).partial
+            timings["aggregate"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            report = report_task(run)
+            timings["report"] = time.perf_counter() - t0
+            create_markdown_artifact(report, key="densepure-report", description=f"certification report for {run}")
+            create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
+                                  key="densepure-stage-timings")
+            plot_url = run.plot_uri if run.is_s3 else f"file://{os.path.abspath(run.plot_uri)}"
+            create_image_artifact(image_url=plot_url, key="densepure-certified-accuracy",
+                                  description="certified accuracy vs L2 radius")
+            return {
+                "out": run.root, "run_id": plan.run_id, "timings": timings, "report": report,
+                "computed_shards": sum(not r.skipped for r in results), "skipped_shards": sum(r.skipped for r in results),
+                "images": len(plan.records), "quarantined": sum(quarantined.values()),
+            }
 
 
 @flow(name="densepure-certify-file")
 def certify_config_file(config_path: str = "default", out: str | None = None,
-                        overrides: list[str] | None = None, ray_address: str | None = None) -> dict:
+                        overrides: list[str] | None = None, ray_address: str | None = None,
+                        store: str | None = None) -> dict:
     """Deployment entry point (prefect.yaml): certify the config at ``config_path`` (a YAML file
-    or a packaged preset name, see :func:`densepure_core.config.resolve_config_path`)."""
+    or a packaged preset name, see :func:`densepure_core.config.resolve_config_path`).
+
+    ``store`` (without ``out``): the run lands in that run store, in an OUT of its own (or the
+    store's unfinished run of this config), and is compared with the store's previous complete
+    run (flows/stored.py)."""
+    from flows.stored import compare_with_previous, out_in_store
+
     cfg = load_config(config_path, overrides or [])
-    return certify_flow(cfg.model_dump(mode="json"), out=out, ray_address=ray_address, progress=False)
+    if out is None and store:
+        out = out_in_store(store, "certify", cfg.config_hash(), cfg.run_name)
+    result = certify_flow(cfg.model_dump(mode="json"), out=out, ray_address=ray_address, progress=False)
+    if store and out is not None:
+        compare_with_previous(store, "certify", result["out"], "densepure-store-run")
+    return result
 
 
 def run_certify(cfg: CertifyConfig, out: str | None = None, ray_address: str | None = None,

@@ -3,8 +3,9 @@
     densepure certify [--config FILE|PRESET] [--out DIR|s3://b/p] [--ray-address ADDR] [--set k=v ...]
     densepure attack [--config FILE|PRESET] [--out DIR|s3://b/p] [--ray-address ADDR] [--set k=v ...]
     densepure train-addt [--config FILE|PRESET] [--out DIR|s3://b/p] [--ray-address ADDR] [--set k=v ...]
-    densepure sql OUT "SELECT ..." [--alpha A] [--format table|csv|json]
-    densepure report OUT
+    densepure sql STORE_OR_OUT... "SELECT ..." [--alpha A] [--format table|csv|json]
+    densepure compare A B [--format table|csv|json] [--report DIR]
+    densepure report OUT_OR_STORE [--radii 0,0.5,1]
     densepure export-tsv OUT [--dest DIR]
     densepure repair OUT
     densepure train-toy [--out DIR] [--seed N] [--quick]
@@ -77,13 +78,6 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """The user's error inside Ray's and Prefect's wrappers (RayTaskError keeps it as .cause)."""
-    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
-        exc = exc.cause
-    return exc
-
-
 def _write_details(out: str, exc: BaseException) -> str | None:
     """Write ``exc``'s whole traceback chain (Ray's remote traceback included) to
     ``OUT/logs/error-<UTC time>.log``; its URI, or None when OUT holds no run (nothing is created
@@ -114,7 +108,9 @@ def _fail_with_cause(exc: BaseException, out: str | None = None) -> None:
     """
     from tasks.common.planning import PlanError
 
-    cause = _root_cause(exc)
+    from tasks.common.workers import root_cause
+
+    cause = root_cause(exc)
     if isinstance(cause, (PlanError, ValueError, OSError, FloatingPointError)):
         _fail(str(cause), 1)
     details = _write_details(out, exc) if out else None
@@ -281,15 +277,18 @@ def train_addt(
 
 @app.command()
 def sql(
-    out: str = typer.Argument(..., help="A results directory or s3:// prefix."),
-    query: str = typer.Argument(..., help="SQL over the views votes, certificates, accuracy (certify), "
+    locations: list[str] = typer.Argument(..., metavar="STORE_OR_OUT...",
+                                          help="One or more OUTs or run stores (folders or s3:// prefixes "
+                                               "holding OUTs), then the query."),
+    query: str = typer.Argument(..., help="SQL over the views runs, votes, certificates, accuracy (certify), "
                                           "attacks, attack_summary (attack), train_metrics (train-addt) and "
-                                          "errors."),
+                                          "errors; every row names its run_id."),
     alpha: float = typer.Option(None, "--alpha", help="Re-certify from the stored counts at this alpha (no GPU)."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
 ):
-    """Query results with DuckDB (read-only): views votes, certificates, accuracy (certify), attacks,
-    attack_summary (attack), train_metrics (train-addt), errors; UDFs cp_lower(n_a, n, alpha),
+    """Query the results of one or many runs with DuckDB (read-only): views runs (one row per run),
+    votes, certificates, accuracy (certify), attacks, attack_summary (attack), train_metrics
+    (train-addt), errors, each spanning every run given; UDFs cp_lower(n_a, n, alpha),
     anytime_lower(n_a, n, alpha, bound, bound_params), norm_ppf(p), smoothing_radius(sigma, p),
     binom_pvalue(c1, c2), wilson_low/wilson_high(successes, n, confidence)."""
     from tasks.query import run_query
@@ -297,20 +296,68 @@ def sql(
     if fmt not in ("table", "csv", "json"):
         _fail(f"--format {fmt!r}: choose table, csv or json")
     try:
-        typer.echo(run_query(out, query, alpha=alpha, fmt=fmt))
+        typer.echo(run_query(locations, query, alpha=alpha, fmt=fmt))
     except Exception as exc:  # DuckDB errors name the problem; show them without a traceback
         _fail(f"{type(exc).__name__}: {exc}", 1)
 
 
 @app.command()
-def report(out: str = typer.Argument(..., help="A results directory or s3:// prefix.")):
-    """Rebuild OUT/report.md (and, for a certification, the plot) from the stored results."""
+def report(
+    out: str = typer.Argument(..., metavar="OUT_OR_STORE", help="A results directory or s3:// prefix: one run "
+                              "(its report.md), or a store of runs (its history.md)."),
+    radii: str = typer.Option("0,0.5,1", "--radii", help="A store's history: the radii of the certified "
+                              "accuracy per run, comma-separated."),
+):
+    """Rebuild OUT/report.md (and, for a certification, the plot) from the stored results; for a
+    store of runs, write STORE/history.md and history.png: accuracy per run over time."""
     from tasks.reports import rebuild_report
 
     try:  # an empty, partial or foreign OUT ends as one error: line naming what to run first
-        typer.echo(rebuild_report(out))
+        typer.echo(rebuild_report(out, _radii(radii)))
     except Exception as exc:  # noqa: BLE001
         _fail_with_cause(exc)
+
+
+def _radii(text: str) -> list[float]:
+    try:
+        radii = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        _fail(f"--radii {text!r}: expected comma-separated numbers, e.g. 0,0.5,1")
+    if not radii or any(r < 0 for r in radii):
+        _fail(f"--radii {text!r}: expected non-negative radii, e.g. 0,0.5,1")
+    return radii
+
+
+@app.command()
+def compare(
+    a: str = typer.Argument(..., metavar="A", help="The first run (an OUT)."),
+    b: str = typer.Argument(..., metavar="B", help="The second run (an OUT) of the same job."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
+    report_dir: str = typer.Option(None, "--report", help="Also write comparison.md, .png and .json there "
+                                   "(a folder or s3:// prefix)."),
+    radii: str = typer.Option(None, "--radii", help="Certification: radii to compare at, comma-separated "
+                              "(default: A's accuracy grid)."),
+    alpha: float = typer.Option(None, "--alpha", help="Certification: re-certify both runs at this alpha "
+                                "from their votes (default: each run's published certificates)."),
+):
+    """Compare two runs of one job on the same images, image by image: certified (or robust)
+    accuracy of A and B per partition, B - A with Newcombe's paired 95 % interval, and the exact
+    McNemar test on the images only one run gets right. Differing config fields come first."""
+    from tasks.compare import compare_runs, comparison_summary, write_comparison
+
+    if fmt not in ("table", "csv", "json"):
+        _fail(f"--format {fmt!r}: choose table, csv or json")
+    try:
+        cmp = compare_runs(a, b, radii=_radii(radii) if radii else None, alpha=alpha)
+        if report_dir:
+            md, png = write_comparison(cmp, report_dir)
+    except Exception as exc:  # noqa: BLE001 - a missing run, two jobs, nothing in common: one error: line
+        _fail_with_cause(exc)
+    if fmt == "table":  # the runs and what differs first; CSV and JSON are the rows alone
+        typer.echo("\n".join(comparison_summary(cmp)) + "\n")
+    typer.echo(cmp.text(fmt))
+    if report_dir:
+        typer.echo(f"report: {md} (plot {png})", err=True)
 
 
 @app.command()

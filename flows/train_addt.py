@@ -97,18 +97,19 @@ def train_addt_flow(config: dict, out: str | None = None, ray_address: str | Non
         t0 = time.perf_counter()
         plan = plan_task(cfg, run)
         timings["plan"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        checkpoint = train_task(cfg, plan, ray_address, progress)
-        timings["train"] = time.perf_counter() - t0
-        lease.check()  # a run that lost its lease publishes nothing
-        t0 = time.perf_counter()
-        model, report = export_task(cfg, plan, checkpoint, timings["train"])
-        timings["export"] = time.perf_counter() - t0
-        create_markdown_artifact(report, key="densepure-train-addt-report", description=f"ADDT training report for {plan.run}")
-        create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
-                              key="densepure-train-addt-stage-timings")
-        return {"out": plan.run.root, "run_id": plan.run_id, "model": model, "checkpoint": checkpoint, "timings": timings,
-                "report": report}
+        with plan.run.running():  # run.json says running, then complete, partial or failed
+            t0 = time.perf_counter()
+            checkpoint = train_task(cfg, plan, ray_address, progress)
+            timings["train"] = time.perf_counter() - t0
+            lease.check()  # a run that lost its lease publishes nothing
+            t0 = time.perf_counter()
+            model, report = export_task(cfg, plan, checkpoint, timings["train"])
+            timings["export"] = time.perf_counter() - t0
+            create_markdown_artifact(report, key="densepure-train-addt-report", description=f"ADDT training report for {plan.run}")
+            create_table_artifact([{"stage": k, "seconds": round(v, 2)} for k, v in timings.items()],
+                                  key="densepure-train-addt-stage-timings")
+            return {"out": plan.run.root, "run_id": plan.run_id, "model": model, "checkpoint": checkpoint, "timings": timings,
+                    "report": report}
 
 
 @flow(name="densepure-train-addt-file")

@@ -97,3 +97,10 @@ def test_digits_addt_benchmark_dry_run(capsys):
     result = load("digits_addt").main(["--dry-run"])
     line = last_line(capsys)
     assert line["dry_run"] == "True" and line["train_steps"] == "2" and result["final_loss"] > 0
+
+
+def test_run_store_benchmark_dry_run(capsys):
+    result = load("run_store").main(["--dry-run"])
+    assert result["runs"] == 5 and result["files"] == 5 * 24
+    out = capsys.readouterr().out
+    assert "complete,4\nfailed,1" in out and "[accuracy]" in out and "5 rows" in out

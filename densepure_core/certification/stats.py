@@ -44,6 +44,7 @@ __all__ = [
     "high_probability_certified_accuracy",
     "max_certifiable_radius",
     "wilson_interval",
+    "paired_difference_interval",
     "DEFAULT_RADII",
 ]
 
@@ -523,3 +524,49 @@ def wilson_interval(successes: ArrayLike, n: ArrayLike, confidence: float = 0.95
         half = z / denom * np.sqrt(p * (1.0 - p) / m + z * z / (4.0 * m * m))
         low, high = np.clip(center - half, 0.0, 1.0), np.clip(center + half, 0.0, 1.0)
     return np.where(m > 0, low, np.nan), np.where(m > 0, high, np.nan)
+
+
+def paired_difference_interval(both: ArrayLike, first_only: ArrayLike, second_only: ArrayLike,
+                               neither: ArrayLike, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Newcombe's hybrid score interval (1998, method 10) for the difference of two paired
+    proportions: the same images under two runs, p_second - p_first.
+
+    With n = both + first_only + second_only + neither, p1 = (both + first_only) / n and
+    p2 = (both + second_only) / n, (l1, u1) and (l2, u2) their Wilson intervals
+    (:func:`wilson_interval`) and phi the correlation of the 2x2 table with Newcombe's continuity
+    adjustment (A = both * neither - first_only * second_only)::
+
+        phi = (A - n/2) / sqrt(r1 r2 c1 c2) if A > n/2;  0 if 0 <= A <= n/2;  A / sqrt(r1 r2 c1 c2) if A < 0
+              (0 if a margin is 0)
+        theta = p2 - p1
+        low  = theta - sqrt((p2 - l2)^2 - 2 phi (p2 - l2)(u1 - p1) + (u1 - p1)^2)
+        high = theta + sqrt((u2 - p2)^2 - 2 phi (u2 - p2)(p1 - l1) + (p1 - l1)^2)
+
+    (Newcombe, "Improved confidence intervals for the difference between binomial proportions
+    based on paired data", Stat. Med. 17, 1998; the "square-and-add" interval of Fagerland,
+    Lydersen & Laake, *Statistical Analysis of Contingency Tables*, ch. 8, whose worked example
+    the tests pin). Its coverage is close to nominal down to small n and it stays within
+    [-1, 1]; the Wald interval does neither. Rows with n = 0 give NaN.
+
+    Args:
+        both, first_only, second_only, neither: the 2x2 counts (>= 0), broadcastable.
+        confidence: two-sided level in (0, 1).
+
+    Returns:
+        (low, high) of p_second - p_first, float64 arrays of the broadcast shape.
+    """
+    a, b, c, d = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (both, first_only, second_only,
+                                                                                   neither)))
+    n = a + b + c + d
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p1, p2 = (a + b) / n, (a + c) / n
+        l1, u1 = wilson_interval(a + b, n, confidence)
+        l2, u2 = wilson_interval(a + c, n, confidence)
+        margins = (a + b) * (c + d) * (a + c) * (b + d)
+        cross = a * d - b * c
+        adjusted = np.where(cross > n / 2, cross - n / 2, np.where(cross < 0, cross, 0.0))
+        phi = np.where(margins > 0, adjusted / np.sqrt(np.where(margins > 0, margins, 1.0)), 0.0)
+        theta = p2 - p1
+        low = theta - np.sqrt(np.maximum((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2, 0.0))
+        high = theta + np.sqrt(np.maximum((u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2, 0.0))
+    return np.clip(low, -1.0, 1.0), np.clip(high, -1.0, 1.0)

@@ -21,7 +21,7 @@ WITH per_rule AS (
         f"CAST({c} AS DOUBLE) AS clean, CAST({a} AS DOUBLE) AS robust, gradient_calls, unet_calls, seconds "
         f"FROM attacks" for i, (rule, c, a) in enumerate(_RULE_COLUMNS))}
 )
-SELECT any_value(run_id) AS run_id, defense, threat, attack, rule, count(*) AS images,
+SELECT run_id, defense, threat, attack, rule, count(*) AS images,
        avg(clean) AS clean_accuracy,
        wilson_low(sum(clean), count(*), {CONFIDENCE}) AS clean_low,
        wilson_high(sum(clean), count(*), {CONFIDENCE}) AS clean_high,
@@ -31,8 +31,8 @@ SELECT any_value(run_id) AS run_id, defense, threat, attack, rule, count(*) AS i
        {CONFIDENCE} AS confidence,
        avg(gradient_calls) AS gradient_calls, avg(unet_calls) AS unet_calls, avg(seconds) AS seconds
 FROM per_rule
-GROUP BY defense, threat, attack, rule, rule_order
+GROUP BY run_id, defense, threat, attack, rule, rule_order
 -- threats by norm and radius (linf-8 before linf-32), not by their labels' text
-ORDER BY defense, min(norm), min(eps), threat, attack, rule_order
+ORDER BY run_id, defense, min(norm), min(eps), threat, attack, rule_order
 """
 """The ``attack_summary`` query over a view ``attacks`` (needs the UDFs of tasks.common.sqlfuncs)."""

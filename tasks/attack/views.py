@@ -9,18 +9,19 @@ import duckdb
 from tasks.attack.summary_sql import SUMMARY_SQL
 from tasks.common import layout
 from tasks.common.run_dir import RunDir
+from tasks.common.run_index import RunFiles
 from tasks.common.sql import connect as _connect
 from tasks.common.sql import lazy_dataset
 
 __all__ = ["register", "connect"]
 
 
-def register(con: duckdb.DuckDBPyConnection, run: RunDir, alpha: float | None) -> list[str]:
-    """Register the attack views of OUT on ``con``; ``alpha`` concerns certification only."""
-    rows = run.attack_files()
+def register(con: duckdb.DuckDBPyConnection, runs: list[RunFiles], alpha: float | None) -> list[str]:
+    """Register the view(s) of ``runs`` on ``con``; ``alpha`` concerns certification only."""
+    rows = [u for r in runs for u in r.of("attacks")]
     if not rows:
         return []
-    con.register("attacks", lazy_dataset(run, rows, layout.ATTACKS_SCHEMA))
+    con.register("attacks", lazy_dataset(runs[0].run, rows, layout.ATTACKS_SCHEMA))
     con.execute(f"CREATE VIEW attack_summary AS {SUMMARY_SQL}")
     return ["attacks", "attack_summary"]
 

@@ -33,8 +33,10 @@ import threading
 import uuid
 from datetime import datetime, timezone
 
-from tasks.common.planning import PlanError
-from tasks.common.run_dir import RunDir
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the handle hands itself in (RunDir.lease): no import at run time
+    from tasks.common.run_dir import RunDir
 
 __all__ = ["Lease", "LeaseHeldError", "LeaseLostError", "DEFAULT_TTL", "lease_ttl"]
 
@@ -44,11 +46,11 @@ DEFAULT_TTL = 120.0
 _FILE = "lease.json"
 
 
-class LeaseHeldError(PlanError):
+class LeaseHeldError(ValueError):
     """Another run holds OUT's lease; the message names it and when it was last alive."""
 
 
-class LeaseLostError(PlanError):
+class LeaseLostError(ValueError):
     """This run's lease was taken over (its heartbeat stopped for longer than the ttl)."""
 
 

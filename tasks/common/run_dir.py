@@ -42,8 +42,11 @@ the shard number zero-padded to 5 digits. The schemas are in :mod:`tasks.common.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import types
+from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
 
@@ -166,6 +169,42 @@ class RunDir:
 
     def write_run(self, run: dict) -> None:
         self.write_text(self.run_uri, json.dumps(run, indent=2))
+
+    def record_status(self, status: str, error: str | None = None) -> None:
+        """Say in run.json how the run's flow stands: ``running`` (from the plan on), then
+        ``complete``, ``partial`` (published with missing images, or stopped) or ``failed`` (with
+        the error's first line), with ``ended_at``. The ``runs`` view reads it."""
+        meta = self.read_run()
+        if meta is None:  # no complete plan: nothing ran
+            return
+        meta["status"] = status
+        if status == "running":
+            meta.pop("ended_at", None)
+            meta.pop("error", None)
+        else:
+            meta["ended_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if error:
+            meta["error"] = error.strip().splitlines()[0][:500] if error.strip() else error
+        self.write_run(meta)
+
+    @contextlib.contextmanager
+    def running(self):
+        """Record the run as ``running`` for the block, then ``complete`` (``partial`` if the block
+        set ``.partial`` on what it yields, or on Ctrl-C) or ``failed`` with the error."""
+        state = types.SimpleNamespace(partial=False)
+        self.record_status("running")
+        try:
+            yield state
+        except KeyboardInterrupt:
+            self.record_status("partial", "interrupted")
+            raise
+        except Exception as exc:
+            from tasks.common.workers import root_cause
+
+            cause = root_cause(exc)  # the worker's error, not Ray's wrapper around it
+            self.record_status("failed", f"{type(cause).__name__}: {cause}")
+            raise
+        self.record_status("partial" if state.partial else "complete")
 
     def lease(self, holder: str):
         """This run's exclusive lease on OUT (:class:`tasks.common.lease.Lease`), not yet taken:

@@ -1,9 +1,11 @@
-"""The read-only DuckDB connection on a run's results: every job's views go through it.
+"""The read-only DuckDB connection on the results of one or many runs: every job's views go through it.
 
-:func:`connect` opens an in-memory DuckDB, registers the statistics UDFs of
-:mod:`tasks.common.sqlfuncs`, lets each job's ``views`` module register its views (lazy scans of the
-stored Parquet, see :func:`lazy_dataset`), adds ``errors`` (the quarantined images, one schema for
-every job), then locks the connection.
+:func:`connect` opens an in-memory DuckDB on the runs found under one or more locations (OUTs or
+run stores, :func:`tasks.common.run_index.index_runs`), registers the statistics UDFs of
+:mod:`tasks.common.sqlfuncs`, lets each job's ``views`` module register its views over all the
+runs (lazy scans of the stored Parquet, see :func:`lazy_dataset`; every row carries its
+``run_id``), adds ``errors`` (the quarantined images, one schema for every job) and ``runs`` (one
+row per run: :func:`runs_table`), then locks the connection.
 
 The connection is read-only for SQL: the tables are Arrow views (INSERT/UPDATE/DELETE fail),
 and DuckDB's file access is switched off and the configuration locked *after* the data is
@@ -18,7 +20,9 @@ Imports :mod:`tasks.common` only: the views of each job live in that job's packa
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from datetime import datetime
 
 import duckdb
 import pyarrow as pa
@@ -27,9 +31,10 @@ import pyarrow.fs as pafs
 
 from tasks.common import layout
 from tasks.common.run_dir import RunDir
+from tasks.common.run_index import RunFiles, index_runs
 from tasks.common.sqlfuncs import register_udfs
 
-__all__ = ["QueryError", "Views", "connect", "lazy_dataset", "has_view"]
+__all__ = ["QueryError", "Views", "connect", "lazy_dataset", "has_view", "runs_table", "RUNS_SCHEMA"]
 
 
 class QueryError(ValueError):
@@ -48,9 +53,10 @@ _LOCKDOWN = (
     "SET lock_configuration = true",
 )
 
-#: A job's view registration: ``(con, run, alpha) -> names registered``. It raises
-#: :class:`QueryError` where ``alpha`` asks for something its OUT cannot give.
-Views = Callable[[duckdb.DuckDBPyConnection, RunDir, "float | None"], list[str]]
+#: A job's view registration: ``(con, runs, alpha) -> names registered``, each view spanning
+#: every run given (rows carry ``run_id``). It raises :class:`QueryError` where ``alpha`` asks for
+#: something the runs cannot give.
+Views = Callable[[duckdb.DuckDBPyConnection, "list[RunFiles]", "float | None"], list[str]]
 
 
 def lazy_dataset(run: RunDir, uris: Sequence[str], schema: pa.Schema | None = None) -> pads.Dataset:
@@ -66,12 +72,14 @@ def has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
     return bool(con.sql(f"SELECT count(*) FROM duckdb_views() WHERE view_name = '{name}'").fetchall()[0][0])
 
 
-def connect(run: RunDir | str, views: Sequence[Views], *, alpha: float | None = None) -> duckdb.DuckDBPyConnection:
-    """A locked, read-only DuckDB connection on the results of OUT with the given jobs' views.
+def connect(runs: "list[RunFiles] | RunDir | str", views: Sequence[Views], *,
+            alpha: float | None = None) -> duckdb.DuckDBPyConnection:
+    """A locked, read-only DuckDB connection on the results of one or more runs, with the given
+    jobs' views over all of them and ``runs`` (one row per run, :func:`runs_table`).
 
     Args:
-        run: the OUT (a :class:`RunDir`, or its root: a local path or ``s3://bucket/prefix``,
-            S3 settings from the environment, see tasks/common/storage.py).
+        runs: the runs (:func:`tasks.common.run_index.index_runs`), or one location (an OUT or a
+            store; a local path or ``s3://bucket/prefix``, S3 settings from the environment).
         views: the view registrations to apply (each job's ``views.register``).
         alpha: passed to each registration (re-certification at that alpha; None: as published).
 
@@ -79,24 +87,65 @@ def connect(run: RunDir | str, views: Sequence[Views], *, alpha: float | None = 
         The locked connection; close it when done.
 
     Raises:
-        QueryError: there is nothing to query under OUT, or a registration refused ``alpha``.
+        QueryError: there is nothing to query, or a registration refused ``alpha``.
     """
-    run = RunDir.of(run)  # one file system (one S3 session) for every read below
+    if not isinstance(runs, list):
+        runs = index_runs([RunDir.of(runs).root])
+    if len({r.run.is_s3 for r in runs}) > 1:
+        raise QueryError("one query reads either local runs or runs on S3, not both: copy them to one place")
     con = duckdb.connect(":memory:")
     try:
         register_udfs(con)
         names = []
         for register in views:
-            names += register(con, run, alpha)
-        errors = run.error_files() + run.attack_error_files()
+            names += register(con, runs, alpha)
+        errors = [u for r in runs for u in r.of("errors") + r.of("attack_errors")]
         if errors:
-            con.register("errors", lazy_dataset(run, errors, layout.ERRORS_SCHEMA))
+            con.register("errors", lazy_dataset(runs[0].run, errors, layout.ERRORS_SCHEMA))
         if not names:
-            raise QueryError(f"nothing to query under {run}: no vote files, no attack rows, no training metrics "
+            where = ", ".join(str(r.run) for r in runs[:3]) + (" ..." if len(runs) > 3 else "")
+            raise QueryError(f"nothing to query under {where}: no vote files, no attack rows, no training metrics "
                              "and no tables/certificates.parquet; check the path or run the pipeline")
+        con.register("runs", runs_table(runs))
         for statement in _LOCKDOWN:
             con.execute(statement)
     except BaseException:
         con.close()
         raise
     return con
+
+
+#: One row per run (the ``runs`` view): what a user asks of a store before anything else.
+RUNS_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("job", pa.string()), ("run_name", pa.string()), ("out", pa.string()),
+    ("config_hash", pa.string()), ("model_fingerprints", pa.string()), ("dataset", pa.string()),
+    ("started_at", pa.timestamp("us", tz="UTC")), ("ended_at", pa.timestamp("us", tz="UTC")),
+    ("status", pa.string()), ("error", pa.string()), ("images", pa.int64()), ("alpha", pa.float64()),
+])
+
+
+def _time(value) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value) if value else None
+    except ValueError:
+        return None
+
+
+def runs_table(runs: "list[RunFiles]") -> pa.Table:
+    """:data:`RUNS_SCHEMA` rows of ``runs`` (docs/schema.md): JSON text for the fingerprints and the
+    dataset section, the published alpha (certification; NULL for other jobs)."""
+    rows = []
+    for r in runs:
+        meta = r.meta or {}
+        tables = meta.get("tables") or {}
+        alpha = tables.get("alpha", r.config.get("alpha")) if r.job == "certify" else None
+        rows.append({
+            "run_id": meta.get("run_id"), "job": r.job, "run_name": r.config.get("run_name"), "out": r.run.root,
+            "config_hash": meta.get("config_hash"),
+            "model_fingerprints": json.dumps(meta.get("model_fingerprints") or {}, sort_keys=True),
+            "dataset": json.dumps(r.config.get("dataset") or {}, sort_keys=True),
+            "started_at": _time(meta.get("created_at")),
+            "ended_at": _time(meta.get("ended_at") or meta.get("finished_at")),
+            "status": r.status, "error": meta.get("error"), "images": meta.get("images"), "alpha": alpha,
+        })
+    return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)

@@ -9,7 +9,15 @@ import torch
 
 from densepure_core.data.sources import DatasetError
 
-__all__ = ["BadInputError", "stopped_by_bad_input", "check_image_fits", "image_fit_problem", "resolve_device"]
+__all__ = ["BadInputError", "stopped_by_bad_input", "check_image_fits", "image_fit_problem", "resolve_device",
+           "root_cause"]
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The user's error inside Ray's and Prefect's wrappers (RayTaskError keeps it as .cause)."""
+    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
+        exc = exc.cause
+    return exc
 
 
 class BadInputError(ValueError):

@@ -32,7 +32,7 @@ def test_sql_on_a_view_the_out_lacks_lists_the_views_it_has(tmp_path):
     write_votes(str(tmp_path), make_votes(3, 2))
     result = runner.invoke(app, ["sql", str(tmp_path), "SELECT * FROM train_metrics"])
     assert result.exit_code == 1
-    assert "train_metrics does not exist" in result.output and "This OUT has the views: votes" in result.output
+    assert "train_metrics does not exist" in result.output and "the views: runs, votes." in result.output
     assert "pg_views" not in result.output
 
 

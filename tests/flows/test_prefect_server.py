@@ -106,26 +106,34 @@ def test_every_deployment_is_on_the_server_as_prefect_yaml_says(server):
             [(s["cron"], s["active"]) for s in d.get("schedules", [])]
 
 
-def test_a_worker_runs_the_certify_deployment_and_the_report_deployment(server):
+def test_a_worker_runs_the_certify_deployment_into_its_store_and_the_report_deployment(server):
     api, env, tmp = server
     config = tmp / "job.yaml"
     config.write_text(yaml.safe_dump(tiny_job(tmp, sigmas=[0.5], methods=[{"kind": "rs"}], shard_size=6)))
-    out = tmp / "certify-out"
-    run_id = _run_deployment(api, env, "digits-default", config_path=str(config), out=str(out))
+    store = tmp / "store"
+    run_id = _run_deployment(api, env, "digits-default", config_path=str(config), store=str(store))
     assert _state(api, run_id) == "SCHEDULED"
     _work(env, tmp)
     assert _state(api, run_id) == "COMPLETED"
+    # the run landed in the store, in an OUT named after its start and its flow run
+    flow_run = httpx.get(f"{api}/flow_runs/{run_id}").json()
+    (out,) = [p for p in store.iterdir() if p.is_dir()]
+    assert out.name.endswith(flow_run["name"]) and out.name[:8].isdigit()
     certificates = pq.read_table(out / "tables" / "certificates.parquet")
     assert certificates.num_rows == 6
     assert set(certificates.column("method").to_pylist()) == {"rs"}
+    artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["densepure-store-run"]}}})
+    assert any(str(out) in (a.get("data") or "") for a in artifacts.json())  # the flow run links its new run
     report = (out / "report.md").read_text()
 
-    # The report deployment rebuilds report.md from the stored tables.
+    # The report deployment rebuilds report.md from the stored tables, and a store's history page.
     (out / "report.md").unlink()
     report_id = _run_deployment(api, env, "report", out=str(out))
+    history_id = _run_deployment(api, env, "report", out=str(store))
     _work(env, tmp)
-    assert _state(api, report_id) == "COMPLETED"
+    assert _state(api, report_id) == "COMPLETED" and _state(api, history_id) == "COMPLETED"
     assert (out / "report.md").read_text() == report
+    assert "1 run(s): 1 complete" in (store / "history.md").read_text()
 
 
 def test_an_active_cron_schedule_creates_runs(server):

@@ -67,6 +67,24 @@ def test_certify_and_query_on_s3(tmp_path, s3_endpoint, monkeypatch):
     q = runner.invoke(app, ["sql", out, "SELECT method, count(*) AS images FROM certificates GROUP BY 1 ORDER BY 1",
                             "--format", "json"], catch_exceptions=False)
     assert json.loads(q.output) == [{"method": "dds", "images": 6}, {"method": "rs", "images": 6}]
+    # the lease is given back: nothing but results stays under OUT
+    assert "results-bucket/runs/tiny/lease.json" not in fs.find("results-bucket/runs/tiny")
+
+    # A store on S3 (issue 27): a second run under the same prefix, then SQL across both runs,
+    # a comparison of the two and the store's history page, all read from s3://.
+    other = "s3://results-bucket/runs/tiny-seed-5"
+    second = runner.invoke(app, ["certify", "--config", str(config), "--out", other, "--set", "seed=5"],
+                           catch_exceptions=False)
+    assert second.exit_code == 0, second.output
+    store = "s3://results-bucket/runs"
+    runs = runner.invoke(app, ["sql", store, "SELECT out, status FROM runs ORDER BY out", "--format", "json"])
+    assert json.loads(runs.output) == [{"out": out, "status": "complete"}, {"out": other, "status": "complete"}]
+    compared = runner.invoke(app, ["compare", out, other, "--format", "json"])
+    assert compared.exit_code == 0, compared.output
+    assert {(r["method"], r["images"]) for r in json.loads(compared.output)} == {("dds", 6), ("rs", 6)}
+    history = runner.invoke(app, ["report", store])
+    assert history.exit_code == 0, history.output
+    assert "2 run(s): 2 complete" in fs.cat("results-bucket/runs/history.md").decode()
 
 
 def test_train_addt_checkpoints_metrics_and_model_on_s3(tmp_path, s3_endpoint, monkeypatch):

@@ -15,7 +15,7 @@ from votes_factory import hand_votes, make_votes, write_votes
 from densepure_core.certification.stats import certified_radius, clopper_pearson_lower
 from tasks.certify.aggregate import aggregate
 from tasks.certify.aggregate_sql import certificates_sql
-from tasks.query import QueryError, connect, run_query
+from tasks.query import QueryError, RunIndexError, connect, run_query
 from tasks.common.sqlfuncs import register_udfs
 from tasks.common.textfmt import format_rows
 
@@ -151,7 +151,7 @@ def test_run_query_errors_say_what_to_do(hand_out, tmp_path_factory):
     with pytest.raises(QueryError, match="not published yet"):
         run_query(str(votes_only), "SELECT * FROM certificates")
     assert run_query(str(votes_only), "SELECT count(*) AS n FROM votes", fmt="csv") == "n\n3"
-    with pytest.raises(QueryError, match="nothing to query"):
+    with pytest.raises(RunIndexError, match="nothing to query under .*check the path"):
         connect(str(tmp_path_factory.mktemp("empty")))
 
 
