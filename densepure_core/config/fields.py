@@ -27,12 +27,15 @@ _VOTES_KEY = "votes"
 
 
 _OMIT_NONE_KEY = "hash_omits_none"
+_OMIT_DEFAULT_KEY = "hash_omits_default"
 
 
 def _classified(determines_votes: bool, default: Any, kwargs: dict[str, Any]) -> Any:
     extra = {_VOTES_KEY: determines_votes}
     if kwargs.pop("omit_none", False):  # a field added later: None keeps the hash it had before
         extra[_OMIT_NONE_KEY] = True
+    if kwargs.pop("omit_default", False):  # a field added later: its default keeps the hash it had before
+        extra[_OMIT_DEFAULT_KEY] = True
     if "default_factory" in kwargs:
         return Field(json_schema_extra=extra, **kwargs)
     return Field(default, json_schema_extra=extra, **kwargs)
@@ -81,12 +84,18 @@ def _vote_value(value: Any) -> Any:
     return to_jsonable_python(value)
 
 
+def _omitted(info: Any, value: Any) -> bool:
+    """Whether a field added after configs were hashed leaves the hash out at this value: None
+    (``omit_none``) or its default (``omit_default``), so older configs keep their hashes."""
+    extra = info.json_schema_extra or {}
+    return bool((value is None and extra.get(_OMIT_NONE_KEY)) or (extra.get(_OMIT_DEFAULT_KEY) and value == info.default))
+
+
 def _vote_dump(model: BaseModel) -> dict[str, Any]:
     """The ``votes`` fields of ``model`` as JSON values, recursively (nested: their votes fields)."""
     fields = type(model).model_fields
     return {name: _vote_value(getattr(model, name))
-            for name in fields if determines_votes(type(model), name)
-            and not (getattr(model, name) is None and (fields[name].json_schema_extra or {}).get(_OMIT_NONE_KEY))}
+            for name in fields if determines_votes(type(model), name) and not _omitted(fields[name], getattr(model, name))}
 
 
 def _stream_version() -> int:
