@@ -10,10 +10,16 @@ gives each worker its slice of the global batch and the DDP-wrapped model.
 Randomness is explicit and keyed, so a run is a function of its config: at step s the global
 batch is examples s*B .. s*B + B - 1 of an epoch-wise permutation of the training set
 (:func:`batch_positions`; one permutation per epoch, keyed by (seed, epoch)), and example i of
-step s draws its timestep, eps, delta0, eps' and RBGM samples from streams keyed by
-(seed, step, i, purpose) (:func:`step_draws`). The same example gets the same draws whichever
-worker holds it, and a run resumed from a checkpoint continues the same trajectory. Dropout
-(if the model has any) draws from torch's generator, re-seeded per (seed, step, rank).
+step s draws its timestep, CGPO's mixing noise of iteration j (one stream per
+(seed, s, i, j): fresh noise every iteration, as the reference loop), delta0, eps' and RBGM
+samples from streams keyed by (seed, step, i, purpose) (:func:`step_draws`). The same example
+gets the same draws whichever worker holds it, and a run resumed from a checkpoint continues the
+same trajectory. Dropout (if the model has any) draws from torch's
+generator, re-seeded per (seed, step, rank): the one draw that depends on the worker count.
+
+:data:`DRAWS_VERSION` numbers this scheme; a training OUT records it in run.json, and an OUT of
+another version is never resumed (tasks/train_addt.py): version 1 (before issue 24) reused one
+mixing-noise draw for all CGPO iterations.
 
 CGPO runs on the bare module (``trainer.unet``): it differentiates w.r.t. delta only, and a
 forward through the DDP wrapper without a parameter backward would leave DDP's reducer waiting.
@@ -35,9 +41,11 @@ import torch
 from densepure_core.addt import formulas as addt
 from densepure_core.rng import derive_seed, gaussian_rows, row_generator
 
-__all__ = ["STATE_FORMAT", "batch_positions", "StepDraws", "step_draws", "AddtTrainer"]
+__all__ = ["STATE_FORMAT", "DRAWS_VERSION", "batch_positions", "StepDraws", "step_draws", "AddtTrainer"]
 
 STATE_FORMAT = "densepure-addt-state/1"
+#: The version of the keyed draws of a step (see the module docstring); 2: fresh CGPO noise per iteration.
+DRAWS_VERSION = 2
 _ID = "addt"  # the image_id slot of rng.derive_seed: ADDT's streams are keyed by step and example
 
 
@@ -65,9 +73,10 @@ def batch_positions(seed: int, step: int, batch_size: int, n: int) -> np.ndarray
 class StepDraws:
     """The draws of a slice of one step's batch (rows in example order).
 
-    t: ``[b]`` long timesteps in [0, T); eps, delta0, eps_prime: ``[b, C, H, W]`` N(0, I) (the
-    mixing noise of CGPO, its initial delta, the loss's fresh noise); rbgm: one numpy generator
-    per example for RBGM's sorted samples.
+    t: ``[b]`` long timesteps in [0, T); eps: ``[iterations, b, C, H, W]`` N(0, I), CGPO's (or
+    the L_inf steps') mixing noise, a fresh tensor per iteration; delta0, eps_prime:
+    ``[b, C, H, W]`` N(0, I) (CGPO's initial delta, the loss's fresh noise); rbgm: one numpy
+    generator per example for RBGM's sorted samples.
     """
 
     t: torch.Tensor
@@ -78,14 +87,21 @@ class StepDraws:
 
 
 def step_draws(seed: int, step: int, examples: range, shape: tuple[int, ...], num_timesteps: int,
-               device: torch.device | str = "cpu") -> StepDraws:
-    """The draws of examples ``examples`` (global indices within the batch) of ``step``."""
+               device: torch.device | str = "cpu", *, iterations: int = 5) -> StepDraws:
+    """The draws of examples ``examples`` (global indices within the batch) of ``step``.
+
+    Every tensor row is keyed by (seed, step, example, purpose), CGPO's noise of iteration j by
+    purpose ``eps<j>``: the draws of an example do not depend on the slice (worker) it is in.
+    """
+    if iterations < 1:
+        raise ValueError(f"step_draws: iterations must be >= 1 (the config's cgpo_iterations), got {iterations}")
     t = [int(row_generator(_seed(seed, step, i, "t")).integers(num_timesteps)) for i in examples]
 
     def normals(purpose: str) -> torch.Tensor:
         return gaussian_rows([_seed(seed, step, i, purpose) for i in examples], shape, device)
 
-    return StepDraws(t=torch.tensor(t, dtype=torch.long, device=device), eps=normals("eps"),
+    return StepDraws(t=torch.tensor(t, dtype=torch.long, device=device),
+                     eps=torch.stack([normals(f"eps{j}") for j in range(iterations)]),
                      delta0=normals("delta0"), eps_prime=normals("eps_prime"),
                      rbgm=[row_generator(_seed(seed, step, i, "rbgm")) for i in examples])
 
@@ -147,6 +163,9 @@ class AddtTrainer:
         start = time.perf_counter()
         cfg, step = self.cfg, self.step
         torch.manual_seed(derive_seed(cfg.seed, _ID, step, self.rank, "addt:dropout"))
+        if draws.eps.shape[0] != cfg.cgpo_iterations:
+            raise ValueError(f"step_draws gave {draws.eps.shape[0]} iterations of noise, the config's cgpo_iterations "
+                             f"is {cfg.cgpo_iterations} (call step_draws(..., iterations=cfg.cgpo_iterations))")
         x0 = x01.to(self.device, torch.float32) * 2 - 1
         y = labels.to(self.device)
         t = draws.t.to(self.device)
@@ -154,13 +173,12 @@ class AddtTrainer:
         eps, delta0, eps_prime = (d.to(self.device) for d in (draws.eps, draws.delta0, draws.eps_prime))
         bare = self._eps(self.unet)
         if cfg.variant == "gaussian":
-            delta = addt.cgpo(bare, self.classifier, x0, y, t, abar, eps, delta0, draws.rbgm,
-                              iterations=cfg.cgpo_iterations)
+            delta = addt.cgpo(bare, self.classifier, x0, y, t, abar, eps, delta0, draws.rbgm)
             loss = addt.addt_loss(self._eps(self.forward_model), x0, t, abar, delta, eps_prime)
             mix = addt.addt_lambda(abar)
         else:
             delta = addt.linf_perturbation(bare, self.classifier, x0, y, t, abar, eps, radius=cfg.linf_radius,
-                                           step=cfg.linf_step, iterations=cfg.cgpo_iterations)
+                                           step=cfg.linf_step)
             loss = addt.linf_loss(self._eps(self.forward_model), x0, t, abar, delta, eps_prime)
             mix = addt.linf_ratio(abar)
         lr = self.lr_at(step)

@@ -100,7 +100,18 @@ def _check_same_job(run: RunDir) -> dict:
 
 
 def _check_same_run(cfg: AddtConfig, run: RunDir) -> None:
+    from densepure_core.addt.trainer import DRAWS_VERSION
+
     stored_cfg = AddtConfig.model_validate(_check_same_job(run))
+    meta = run.read_run()
+    if meta is not None:  # absent: the plan was cut short before it was written
+        version = meta.get("draws_version", 1)  # 1: written before it existed
+        if version != DRAWS_VERSION:
+            raise PlanError(f"{run} was trained with ADDT draws version {version} and this densepure draws version "
+                            f"{DRAWS_VERSION} (field that differs: draws_version; version 1 reused one CGPO noise draw "
+                            f"for every iteration, version 2 draws fresh noise each iteration as the reference code). "
+                            f"Its checkpoints cannot be continued with other draws: use a new --out (its model and "
+                            f"metrics stay readable).")
     if stored_cfg.config_hash() == cfg.config_hash():
         return
     diff = differing_fields(stored_cfg, cfg)
@@ -169,7 +180,10 @@ def plan_training(cfg: AddtConfig, out: RunDir | str | None = None) -> TrainPlan
     run.write_text(run.config_uri, cfg.model_copy(update={"out": run.root}).to_yaml())
     write_manifest(run, chosen, len(chosen))
     if meta is None:
-        run.write_run({"job": "train-addt", "run_id": run_id, "config_hash": plan.config_hash, "images": len(chosen),
+        from densepure_core.addt.trainer import DRAWS_VERSION
+
+        run.write_run({"job": "train-addt", "run_id": run_id, "config_hash": plan.config_hash,
+                       "draws_version": DRAWS_VERSION, "images": len(chosen),
                        "model_hashes": source_hashes({cfg.diffusion.source, cfg.classifier.source}),
                        "host": socket.gethostname(), "created_at": datetime.now(timezone.utc).isoformat(),
                        "versions": library_versions()})
@@ -262,7 +276,7 @@ def train_loop_per_worker(config: dict) -> None:
         step = trainer.step
         positions = batch_positions(cfg.seed, step, cfg.batch_size, len(records))[mine.start:mine.stop]
         x = torch.stack([images.get(int(p)) for p in positions])
-        draws = step_draws(cfg.seed, step, mine, shape, num_timesteps, device)
+        draws = step_draws(cfg.seed, step, mine, shape, num_timesteps, device, iterations=cfg.cgpo_iterations)
         metrics = trainer.train_step(x, labels[torch.as_tensor(positions.astype(np.int64))], draws)
         if world > 1:  # the logged loss is the global batch's, as the gradient
             loss = torch.tensor([metrics["loss"]], device=device)

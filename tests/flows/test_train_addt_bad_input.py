@@ -55,6 +55,25 @@ def test_a_different_config_on_a_trained_out_is_refused_and_the_out_kept(tmp_pat
     assert snapshot(tmp_path / "out") == before
 
 
+def test_an_out_trained_with_the_old_cgpo_draws_is_not_resumed(tmp_path):
+    """Before issue 24 CGPO reused one noise draw for its 5 iterations (run.json had no
+    draws_version): the same config now trains on other draws, so its checkpoints are not continued."""
+    data = addt_job(tmp_path)
+    _trained_out(tmp_path, data)
+    run_json = tmp_path / "out" / "run.json"
+    assert json.loads(run_json.read_text())["draws_version"] == 2
+    assert plan_training(AddtConfig.model_validate(data)).resumed  # the current version resumes
+    run = json.loads(run_json.read_text())
+    del run["draws_version"]
+    run_json.write_text(json.dumps(run))
+    before = snapshot(tmp_path / "out")
+    result = runner.invoke(app, ["train-addt", "--config", str(_write(tmp_path, data))])
+    assert result.exit_code == 1
+    message = one_error_line(result)
+    assert "draws version 1" in message and "draws_version" in message and "new --out" in message
+    assert snapshot(tmp_path / "out") == before
+
+
 def test_an_attack_out_is_not_a_training_out(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -61,14 +61,19 @@ def test_batch_positions_cover_every_image_once_per_epoch_and_are_keyed():
 def test_step_draws_of_an_example_do_not_depend_on_the_slice_it_is_in():
     whole = step_draws(1, 4, range(6), SHAPE, 1000)
     halves = [step_draws(1, 4, range(0, 3), SHAPE, 1000), step_draws(1, 4, range(3, 6), SHAPE, 1000)]
-    for name in ("t", "eps", "delta0", "eps_prime"):
+    for name in ("t", "delta0", "eps_prime"):
         assert torch.equal(getattr(whole, name), torch.cat([getattr(h, name) for h in halves]))
+    # CGPO's noise: [iterations, examples, ...], a fresh draw per iteration, keyed per example
+    assert whole.eps.shape == (5, 6, *SHAPE)
+    assert torch.equal(whole.eps, torch.cat([h.eps for h in halves], dim=1))
+    assert all(not torch.equal(whole.eps[i], whole.eps[j]) for i in range(5) for j in range(i))
+    assert torch.equal(step_draws(1, 4, range(6), SHAPE, 1000, iterations=2).eps, whole.eps[:2])
     g = torch.randn(6, *SHAPE)
     assert torch.equal(addt.rbgm(g, whole.rbgm), torch.cat([addt.rbgm(g[:3], halves[0].rbgm),
                                                             addt.rbgm(g[3:], halves[1].rbgm)]))
     other_step = step_draws(1, 5, range(6), SHAPE, 1000)
     assert not torch.equal(whole.eps, other_step.eps)
-    assert not torch.equal(whole.eps, whole.delta0) and not torch.equal(whole.eps, whole.eps_prime)
+    assert not torch.equal(whole.eps[0], whole.delta0) and not torch.equal(whole.eps[0], whole.eps_prime)
 
 
 def test_ema_decay_follows_the_papers_warm_up(models):
@@ -152,3 +157,12 @@ def test_bf16_autocast_runs_on_cpu_and_stays_close_to_fp32(models):
     (a,) = run_steps(fp32, cfg, 1)
     (b,) = run_steps(bf16, cfg16, 1)
     assert b["loss"] == pytest.approx(a["loss"], rel=0.05) and b["loss"] != a["loss"]
+
+
+def test_the_draws_must_match_the_configs_iterations(models):
+    trainer, cfg = make_trainer(models, cgpo_iterations=3)
+    pos = batch_positions(cfg.seed, 0, 4, len(DATA))
+    with pytest.raises(ValueError, match="cgpo_iterations is 3"):
+        trainer.train_step(DATA[pos], LABELS[pos], step_draws(cfg.seed, 0, range(4), SHAPE, 1000))
+    m = trainer.train_step(DATA[pos], LABELS[pos], step_draws(cfg.seed, 0, range(4), SHAPE, 1000, iterations=3))
+    assert np.isfinite(m["loss"])
