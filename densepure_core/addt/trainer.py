@@ -10,11 +10,11 @@ gives each worker its slice of the global batch and the DDP-wrapped model.
 Randomness is explicit and keyed, so a run is a function of its config: at step s the global
 batch is examples s*B .. s*B + B - 1 of an epoch-wise permutation of the training set
 (:func:`batch_positions`; one permutation per epoch, keyed by (seed, epoch)), and example i of
-step s draws its timestep, CGPO's mixing noise of iteration j (one stream per
+step s draws its timestep, its flip, CGPO's mixing noise of iteration j (one stream per
 (seed, s, i, j): fresh noise every iteration, as the reference loop), delta0, eps' and RBGM
 samples from streams keyed by (seed, step, i, purpose) (:func:`step_draws`). The same example
 gets the same draws whichever worker holds it, and a run resumed from a checkpoint continues the
-same trajectory. Dropout (if the model has any) draws from torch's
+same trajectory. Dropout (if the model has any, or ``dropout`` forces it) draws from torch's
 generator, re-seeded per (seed, step, rank): the one draw that depends on the worker count.
 
 :data:`DRAWS_VERSION` numbers this scheme; a training OUT records it in run.json, and an OUT of
@@ -41,7 +41,8 @@ import torch
 from densepure_core.addt import formulas as addt
 from densepure_core.rng import derive_seed, gaussian_rows, row_generator
 
-__all__ = ["STATE_FORMAT", "DRAWS_VERSION", "batch_positions", "StepDraws", "step_draws", "AddtTrainer"]
+__all__ = ["STATE_FORMAT", "DRAWS_VERSION", "batch_positions", "StepDraws", "step_draws", "set_dropout",
+           "AddtTrainer"]
 
 STATE_FORMAT = "densepure-addt-state/1"
 #: The version of the keyed draws of a step (see the module docstring); 2: fresh CGPO noise per iteration.
@@ -75,7 +76,8 @@ class StepDraws:
 
     t: ``[b]`` long timesteps in [0, T); eps: ``[iterations, b, C, H, W]`` N(0, I), CGPO's (or
     the L_inf steps') mixing noise, a fresh tensor per iteration; delta0, eps_prime:
-    ``[b, C, H, W]`` N(0, I) (CGPO's initial delta, the loss's fresh noise); rbgm: one numpy
+    ``[b, C, H, W]`` N(0, I) (CGPO's initial delta, the loss's fresh noise); flip: ``[b]`` bool,
+    a horizontal flip of the image (applied when the config asks for flips); rbgm: one numpy
     generator per example for RBGM's sorted samples.
     """
 
@@ -83,6 +85,7 @@ class StepDraws:
     eps: torch.Tensor
     delta0: torch.Tensor
     eps_prime: torch.Tensor
+    flip: torch.Tensor
     rbgm: list[np.random.Generator]
 
 
@@ -96,6 +99,7 @@ def step_draws(seed: int, step: int, examples: range, shape: tuple[int, ...], nu
     if iterations < 1:
         raise ValueError(f"step_draws: iterations must be >= 1 (the config's cgpo_iterations), got {iterations}")
     t = [int(row_generator(_seed(seed, step, i, "t")).integers(num_timesteps)) for i in examples]
+    flip = [bool(row_generator(_seed(seed, step, i, "flip")).random() < 0.5) for i in examples]
 
     def normals(purpose: str) -> torch.Tensor:
         return gaussian_rows([_seed(seed, step, i, purpose) for i in examples], shape, device)
@@ -103,7 +107,17 @@ def step_draws(seed: int, step: int, examples: range, shape: tuple[int, ...], nu
     return StepDraws(t=torch.tensor(t, dtype=torch.long, device=device),
                      eps=torch.stack([normals(f"eps{j}") for j in range(iterations)]),
                      delta0=normals("delta0"), eps_prime=normals("eps_prime"),
+                     flip=torch.tensor(flip, dtype=torch.bool, device=device),
                      rbgm=[row_generator(_seed(seed, step, i, "rbgm")) for i in examples])
+
+
+def set_dropout(module: torch.nn.Module, p: float) -> int:
+    """Set the probability of every ``torch.nn.Dropout`` in ``module`` to ``p`` (the reference's
+    ``set_dropout``: ADDT forces 0.1 on the pretrained CIFAR-10 DDPM); returns how many."""
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.Dropout)]
+    for m in layers:
+        m.p = float(p)
+    return len(layers)
 
 
 class AddtTrainer:
@@ -124,6 +138,9 @@ class AddtTrainer:
 
         self.cfg = cfg
         self.unet = unet.train().requires_grad_(True)
+        if cfg.dropout is not None and not set_dropout(self.unet, cfg.dropout) and cfg.dropout > 0:
+            raise ValueError(f"dropout: {cfg.dropout} asked for, but the diffusion model has no torch.nn.Dropout "
+                             f"layer to set (set dropout: null to train it as it is)")
         self.forward_model = forward_model if forward_model is not None else self.unet
         self.device = next(unet.parameters()).device
         self.abar = alphas_cumprod.to(self.device, torch.float32)
@@ -166,7 +183,10 @@ class AddtTrainer:
         if draws.eps.shape[0] != cfg.cgpo_iterations:
             raise ValueError(f"step_draws gave {draws.eps.shape[0]} iterations of noise, the config's cgpo_iterations "
                              f"is {cfg.cgpo_iterations} (call step_draws(..., iterations=cfg.cgpo_iterations))")
-        x0 = x01.to(self.device, torch.float32) * 2 - 1
+        x01 = x01.to(self.device, torch.float32)
+        if cfg.random_flip:  # keyed per example: the same flip whichever worker holds it
+            x01 = torch.where(draws.flip.to(self.device).view(-1, *[1] * (x01.ndim - 1)), x01.flip(-1), x01)
+        x0 = x01 * 2 - 1
         y = labels.to(self.device)
         t = draws.t.to(self.device)
         abar = self.abar[t]

@@ -5,7 +5,8 @@ diffusion model to fine-tune, the frozen classifier that guides CGPO, the varian
 CGPO + RBGM, the paper's method; ``linf``: signed-gradient steps in an L_inf ball), the
 optimiser (AdamW, reference.md section 5: lr 2e-4, betas 0.95/0.999, weight decay 1e-6, clip
 1.0, constant or linear warm-up learning rate), EMA with warm-up, the number of steps, the
-global batch, and the seed every draw is keyed by (``densepure_core.addt.trainer``).
+global batch, the seed every draw is keyed by (``densepure_core.addt.trainer``), and the two
+augmentations of the reference script (``dropout`` forced on the UNet, ``random_flip``).
 
 Fields are declared ``votes(...)`` (they change the trained weights: part of
 :meth:`AddtConfig.config_hash`; a resumed OUT must agree on them) or ``operational(...)``
@@ -41,6 +42,14 @@ class AddtConfig(_JobConfig):
     cgpo_iterations: int = votes(5, ge=1, description="CGPO (or L_inf) iterations per training step")
     linf_radius: float = votes(8 / 255, gt=0, le=1, description="linf variant: the ball, in [0, 1] pixel units")
     linf_step: float = votes(4 / 255, gt=0, le=1, description="linf variant: the signed-gradient step")
+    # Added with issue 24 (omit_default/omit_none: at their defaults, configs keep their old hashes).
+    dropout: float | None = votes(None, ge=0, lt=1, omit_none=True,
+                                  description="set every Dropout layer of the UNet to this p for the fine-tuning "
+                                              "(ADDT's script forces 0.1 on the CIFAR-10 DDPM); null: as the model is")
+    random_flip: bool = votes(False, omit_default=True,
+                              description="random horizontal flips of the training images, keyed per (step, "
+                                          "example) (ADDT on CIFAR-10: on; not for digits, which are not mirror-"
+                                          "symmetric)")
     # Operational: the first s steps never depend on the total, so raising it on a finished OUT
     # continues the same trajectory (lr warm-up and EMA are functions of the step, not the total).
     steps: int = operational(300, ge=1, description="optimisation steps in total; a rerun with more continues")

@@ -61,13 +61,15 @@ def test_batch_positions_cover_every_image_once_per_epoch_and_are_keyed():
 def test_step_draws_of_an_example_do_not_depend_on_the_slice_it_is_in():
     whole = step_draws(1, 4, range(6), SHAPE, 1000)
     halves = [step_draws(1, 4, range(0, 3), SHAPE, 1000), step_draws(1, 4, range(3, 6), SHAPE, 1000)]
-    for name in ("t", "delta0", "eps_prime"):
+    for name in ("t", "delta0", "eps_prime", "flip"):
         assert torch.equal(getattr(whole, name), torch.cat([getattr(h, name) for h in halves]))
     # CGPO's noise: [iterations, examples, ...], a fresh draw per iteration, keyed per example
     assert whole.eps.shape == (5, 6, *SHAPE)
     assert torch.equal(whole.eps, torch.cat([h.eps for h in halves], dim=1))
     assert all(not torch.equal(whole.eps[i], whole.eps[j]) for i in range(5) for j in range(i))
     assert torch.equal(step_draws(1, 4, range(6), SHAPE, 1000, iterations=2).eps, whole.eps[:2])
+    assert 0 < int(whole.flip.sum()) < 6 or len(set(step_draws(1, s, range(6), SHAPE, 1000).flip.tolist()
+                                                    for s in range(4))) > 1
     g = torch.randn(6, *SHAPE)
     assert torch.equal(addt.rbgm(g, whole.rbgm), torch.cat([addt.rbgm(g[:3], halves[0].rbgm),
                                                             addt.rbgm(g[3:], halves[1].rbgm)]))
@@ -157,6 +159,24 @@ def test_bf16_autocast_runs_on_cpu_and_stays_close_to_fp32(models):
     (a,) = run_steps(fp32, cfg, 1)
     (b,) = run_steps(bf16, cfg16, 1)
     assert b["loss"] == pytest.approx(a["loss"], rel=0.05) and b["loss"] != a["loss"]
+
+
+def test_dropout_is_forced_on_the_unet_and_flips_are_keyed_per_example(models):
+    plain, _ = make_trainer(models)
+    assert {m.p for m in plain.unet.modules() if isinstance(m, torch.nn.Dropout)} == {0.0, 0.1}  # the model's own
+    forced, cfg = make_trainer(models, dropout=0.3)
+    assert {m.p for m in forced.unet.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+    # flips: the same step with random_flip equals the step without it on the pre-flipped images
+    draws = step_draws(cfg.seed, 0, range(4), SHAPE, 1000)
+    pos = batch_positions(cfg.seed, 0, 4, len(DATA))
+    assert 0 < int(draws.flip.sum()) < 4  # this seed flips some examples and keeps others
+    flipped = torch.where(draws.flip.view(-1, 1, 1, 1), DATA[pos].flip(-1), DATA[pos])
+    a, _ = make_trainer(models, random_flip=True)
+    b, _ = make_trainer(models)
+    ma = a.train_step(DATA[pos], LABELS[pos], draws)
+    mb = b.train_step(flipped, LABELS[pos], step_draws(cfg.seed, 0, range(4), SHAPE, 1000))  # RBGM's generators: fresh
+    assert ma["loss"] == mb["loss"]
+    assert all(torch.equal(p, q) for p, q in zip(a.unet.parameters(), b.unet.parameters()))
 
 
 def test_the_draws_must_match_the_configs_iterations(models):

@@ -56,3 +56,16 @@ def test_each_command_points_to_the_other_jobs_command(tmp_path):
         load_config("attack_default", model=AddtConfig)
     with pytest.raises(ConfigError, match="densepure certify --config default"):
         load_config("default", model=AddtConfig)
+
+
+def test_dropout_and_flips_are_fields_on_in_the_cifar10_preset_and_old_hashes_stay():
+    digits = load_config("addt_default", model=AddtConfig)
+    assert digits.dropout is None and digits.random_flip is False  # digits are not mirror-symmetric
+    assert digits.config_hash() == "0ed15eef34d5af62"  # the hash before the two fields existed
+    gpu = load_config("addt_cifar10", model=AddtConfig)
+    assert gpu.dropout == 0.1 and gpu.random_flip is True  # LYMDLUT/ADDT's ADDT.sh: --random_flip, dropout 0.1
+    a = AddtConfig.model_validate(BASE)
+    for over in ({"dropout": 0.1}, {"dropout": 0.0}, {"random_flip": True}):
+        assert AddtConfig.model_validate({**BASE, **over}).config_hash() != a.config_hash(), over
+    with pytest.raises(ConfigError, match="dropout"):
+        load_config(data={**BASE, "dropout": 1.5}, model=AddtConfig)
