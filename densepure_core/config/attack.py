@@ -53,16 +53,29 @@ class DefenseConfig(_Strict):
 
     ``kind``: ``none`` (the bare classifier) or ``purify``. For ``purify``: t* from ``sigma``
     (the certification rule: sqrt((1 - abar) / abar) = 2 sigma, ``t_star_rule``) or from
-    ``t_fraction`` (t* = round(fraction x T); DiffPure: 0.1 on CIFAR-10 L_inf, 0.075 L_2, 0.15
-    ImageNet); ``reverse``: ``ddpm`` (ancestral, ``steps`` S re-spaced steps; null: every step
-    t*..0) or ``one_shot`` (one denoiser call, DDS); ``k``: K purifications per prediction,
-    majority label (DensePure).
+    ``t_fraction`` (DiffPure: 0.1 on CIFAR-10 L_inf, 0.075 L_2, 0.15 ImageNet), read as
+    ``t_fraction_of`` says:
+
+    - ``steps`` (the default, and the only reading before issue 24): a fraction of this model's
+      own steps, t* = round(fraction x T). DiffPure's noise level only on a linear 1000-step
+      schedule (the one that discretises its SDE);
+    - ``vp_sde``: a time of DiffPure's VP-SDE (beta_min 0.1, beta_max 20): t* is the timestep of
+      this model's schedule with the same abar (``noise_level.t_star_at_alpha_bar``, rounded by
+      ``t_star_rule``), so the purifier adds DiffPure's noise on any schedule (0.1: abar 0.896,
+      t* = 809 of improved-diffusion's 4000 cosine steps where round(0.1 x 4000) = 400 is abar 0.972).
+
+    ``reverse``: ``ddpm`` (ancestral, ``steps`` S re-spaced steps; null: every step t*..0) or
+    ``one_shot`` (one denoiser call, DDS); ``k``: K purifications per prediction, majority label
+    (DensePure).
     """
 
     kind: Literal["none", "purify"] = votes()
     name: str | None = votes(None, pattern=r"^[A-Za-z0-9_.+-]+$")
     sigma: float | None = votes(None, gt=0, allow_inf_nan=False)
     t_fraction: float | None = votes(None, gt=0, le=1)
+    t_fraction_of: Literal["steps", "vp_sde"] = votes(
+        "steps", omit_default=True, description="steps: t* = round(t_fraction x T) of this model; vp_sde: t_fraction "
+                                                "is a time of DiffPure's VP-SDE, t* the timestep with its abar")
     reverse: Literal["ddpm", "one_shot"] = votes("ddpm")
     steps: int | None = votes(None, ge=1, description="ddpm: S re-spaced steps; null: the full chain")
     k: int = votes(1, ge=1, description="K purifications per prediction, majority label")
@@ -75,7 +88,10 @@ class DefenseConfig(_Strict):
                                  "do not apply (remove them)")
         elif (self.sigma is None) == (self.t_fraction is None):
             raise ValueError("a purify defense needs exactly one of sigma (t* as in certification) or t_fraction "
-                             "(t* = round(t_fraction x T), DiffPure's 0.1 on CIFAR-10)")
+                             "(DiffPure's 0.1 on CIFAR-10; t_fraction_of says of what)")
+        if self.t_fraction is None and self.t_fraction_of != "steps":
+            raise ValueError(f"t_fraction_of: {self.t_fraction_of} says what t_fraction is a fraction of, but this "
+                             f"defense has no t_fraction (remove t_fraction_of, or give t_fraction instead of sigma)")
         if self.reverse == "one_shot" and self.steps not in (None, 1):
             raise ValueError(f"reverse one_shot is one denoiser call: remove steps (got {self.steps})")
         return self
@@ -87,7 +103,8 @@ class DefenseConfig(_Strict):
             return self.name
         if self.kind == "none":
             return "none"
-        where = f"sigma{_fmt(self.sigma)}" if self.sigma is not None else f"t{_fmt(self.t_fraction)}"
+        where = f"sigma{_fmt(self.sigma)}" if self.sigma is not None else \
+            f"{'vp' if self.t_fraction_of == 'vp_sde' else 't'}{_fmt(self.t_fraction)}"
         how = "oneshot" if self.reverse == "one_shot" else ("full" if self.steps is None else f"s{self.steps}")
         return f"purify-{where}-{how}" + (f"-k{self.k}" if self.k > 1 else "")
 

@@ -128,12 +128,19 @@ def _load_models(cfg: AttackConfig, expected: dict[str, str] | None = None) -> L
 
 
 def defense_t_star(defense: DefenseConfig, schedule, t_star_rule: str) -> int:
-    """t* of a purifying defense: from its sigma (``schedule.t_star``) or round(fraction x T),
-    at most T - 1."""
+    """t* of a purifying defense: from its sigma (``schedule.t_star``), or its t_fraction: round(fraction x T)
+    (``t_fraction_of: steps``) or the timestep with the VP-SDE's abar at that time (``vp_sde``);
+    a fraction's t* is kept in 1..T-1."""
+    from densepure_core.diffusion.noise_level import t_star_at_alpha_bar, vp_sde_alpha_bar
+
     if defense.sigma is not None:
         return int(schedule.t_star(defense.sigma, t_star_rule))
     steps = len(schedule.alphas_cumprod)
-    return int(min(steps - 1, max(1, round(defense.t_fraction * steps))))
+    if defense.t_fraction_of == "vp_sde":
+        t = t_star_at_alpha_bar(schedule.alphas_cumprod, vp_sde_alpha_bar(defense.t_fraction), t_star_rule)
+    else:
+        t = round(defense.t_fraction * steps)
+    return int(min(steps - 1, max(1, t)))
 
 
 def check_defenses(cfg: AttackConfig, models: LoadedModels) -> dict[str, int]:
@@ -149,7 +156,7 @@ def check_defenses(cfg: AttackConfig, models: LoadedModels) -> dict[str, int]:
         try:
             t = out[d.label] = defense_t_star(d, schedule, cfg.t_star_rule)
         except ValueError as exc:
-            raise PlanError(f"defenses.{i}.sigma: {exc}") from exc
+            raise PlanError(f"defenses.{i}.{'sigma' if d.sigma is not None else 't_fraction'}: {exc}") from exc
         if d.reverse == "ddpm" and d.steps is not None and d.steps > t:
             raise PlanError(f"defenses.{i}.steps = {d.steps} exceeds t* = {t} of defense {d.label!r}: a DDPM "
                             f"purification runs at most t* re-spaced steps; set steps <= {t} (or null for the "

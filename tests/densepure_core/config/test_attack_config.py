@@ -50,6 +50,8 @@ def test_the_hash_follows_the_rows_not_the_operations():
     ({"defenses": [{"kind": "purify", "steps": 4}]}, "exactly one of sigma"),
     ({"defenses": [{"kind": "purify", "sigma": 0.25, "t_fraction": 0.1}]}, "exactly one of sigma"),
     ({"defenses": [{"kind": "none", "k": 3}]}, "bare classifier"),
+    ({"defenses": [{"kind": "purify", "sigma": 0.25, "t_fraction_of": "vp_sde"}]}, "has no t_fraction"),
+    ({"defenses": [{"kind": "purify", "t_fraction": 0.1, "t_fraction_of": "sde"}]}, "t_fraction_of"),
     ({"defenses": [{"kind": "purify", "sigma": 0.25, "reverse": "one_shot", "steps": 4}]}, "one denoiser call"),
     ({"attacks": [{"kind": "dwbox", "eot": 4}]}, "eot must be 1"),
     ({"threats": [{"norm": "linf", "eps": "8/zero"}]}, "fraction"),
