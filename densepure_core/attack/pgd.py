@@ -12,7 +12,8 @@ Three attacks, one loop (:func:`run_attack`):
   weak baseline that overstated purification defenses.
 
 The loop is torchattacks' ``EOTPGD`` / ``PGDL2`` (cross-entropy on the true label, gradients
-summed over EOT samples, one ascent move and projection per iteration, last iterate), with every
+summed over EOT samples, one ascent move and projection per iteration, last iterate; an
+``on_iterate`` hook sees every iterate, for DiffBreak's any-iterate scoring), with every
 random draw keyed by (run seed, image id, purpose, sample, vote): an image's adversarial example
 does not depend on the batch it is in, the shard layout or the worker, up to the models'
 batch-size-dependent float rounding (``tests/densepure_core/attack/test_pgd.py``).
@@ -21,7 +22,7 @@ batch-size-dependent float rounding (``tests/densepure_core/attack/test_pgd.py``
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,8 +51,9 @@ class AttackSpec:
         iterations: PGD iterations.
         eot: purifications whose gradients are summed per iteration (``dwbox``: 1).
         step_size: the ascent step (None: ``ThreatModel.default_step_size``).
-        random_start: start from a uniform point of the ball (torchattacks' ``random_start``);
-            False starts at the clean image (Lee & Kim, ADDT).
+        random_start: start from a uniform point of the ball (torchattacks' ``random_start``,
+            DiffBreak; the default, as in the attack config); False starts at the clean image
+            (Lee & Kim, ADDT).
         gradient: ``"exact"`` (checkpointed) or ``"autograd"`` (plain, keeps every step's
             activations) for ``pgd_eot``/``dwbox``; ``bpda`` always uses the identity.
     """
@@ -60,7 +62,7 @@ class AttackSpec:
     iterations: int = 20
     eot: int = 10
     step_size: float | None = None
-    random_start: bool = False
+    random_start: bool = True
     gradient: Literal["exact", "autograd"] = "exact"
 
     def __post_init__(self) -> None:
@@ -143,7 +145,8 @@ def _start(x: torch.Tensor, image_ids: Sequence[str], threat: ThreatModel, run_s
 
 
 def run_attack(defense: Defense, x: torch.Tensor, y: torch.Tensor, image_ids: Sequence[str],
-               threat: ThreatModel, spec: AttackSpec, *, run_seed: int, max_rows: int = 256) -> tuple[torch.Tensor, AttackStats]:
+               threat: ThreatModel, spec: AttackSpec, *, run_seed: int, max_rows: int = 256,
+               on_iterate: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, AttackStats]:
     """Attack a batch of images; returns the last iterate and its per-image cost.
 
     Args:
@@ -155,6 +158,9 @@ def run_attack(defense: Defense, x: torch.Tensor, y: torch.Tensor, image_ids: Se
         spec: the attack.
         run_seed: the run's seed.
         max_rows: purified rows per forward/backward pass (memory, not results).
+        on_iterate: called as ``on_iterate(i, x_i)`` after PGD iteration i = 1..iterations with the
+            iterate ``[B, C, H, W]`` (no graph); e.g. :class:`~densepure_core.attack.scoring.IterateCheck`.
+            Its cost is not in the returned stats.
 
     Returns:
         ``(x_adv [B, C, H, W], stats)``: x_adv in [0, 1] and within ``threat`` of x.
@@ -168,6 +174,8 @@ def run_attack(defense: Defense, x: torch.Tensor, y: torch.Tensor, image_ids: Se
     for it in range(spec.iterations):
         grad = _gradient(defense, x_adv, y, image_ids, spec, it, run_seed, max_rows)
         x_adv = threat.project(threat.ascend(x_adv, grad, step), x).detach()
+        if on_iterate is not None:
+            on_iterate(it + 1, x_adv)
     samples = eot_samples(defense, spec)
     # exact: a forward pass, then one recomputation per step in the backward pass
     per_purification = defense.unet_calls * (2 if spec.gradient_mode == "exact" else 1)

@@ -3,8 +3,10 @@
 A job is: a dataset and which images of it, a classifier, a diffusion model (when a defense
 purifies), the defenses (``none``; ``purify`` with t* from a sigma or a fraction of the
 schedule, DDPM ancestral with S steps or one-shot, K votes), the threat models (L_inf or L_2
-balls), the attacks (``pgd_eot``, ``dwbox``, ``bpda``) and the number M of scoring
-purifications. Every (defense, threat, attack) triple is one output partition; ``dwbox`` and
+balls), the attacks (``pgd_eot``, ``dwbox``, ``bpda``), the number M of purifications that
+score the last iterate (mean, majority, worst case), and, with ``any_iterate``, DiffBreak's
+protocol next to it: the clean image and every iterate checked against M' fresh purifications
+(``iterate_purifications``, 32), the image broken if any check fails. Every (defense, threat, attack) triple is one output partition; ``dwbox`` and
 ``bpda`` attack the purifier, so on the ``none`` defense only ``pgd_eot`` runs.
 
 Fields are declared ``votes(...)`` (they change the rows: part of :meth:`AttackConfig.config_hash`,
@@ -191,6 +193,12 @@ class AttackConfig(_JobConfig):
     threats: list[ThreatConfig] = votes(..., min_length=1)
     attacks: list[AttackItemConfig] = votes(..., min_length=1)
     score_purifications: int = votes(10, ge=1, description="M: fresh purifications that score each example")
+    # DiffBreak's protocol, next to the last-iterate rules (issue 24; left out of the hash at its defaults).
+    any_iterate: bool = votes(False, omit_default=True,
+                              description="also check the clean image and every PGD iterate against "
+                                          "iterate_purifications fresh purifications (DiffBreak): broken if any fails")
+    iterate_purifications: int = votes(32, ge=1, omit_default=True,
+                                       description="M': fresh purifications per checked iterate (DiffBreak: 32)")
     t_star_rule: Literal["nearest", "first_at_or_above"] = votes("nearest")
     seed: int = votes(0, ge=0)
     shard_size: int = votes(10, ge=1)
@@ -212,6 +220,9 @@ class AttackConfig(_JobConfig):
             dup = sorted({x for x in labels if labels.count(x) > 1})
             if dup:
                 raise ValueError(f"{what} must have distinct names; repeated: {dup} (set {what}[i].name)")
+        if not self.any_iterate and self.iterate_purifications != 32:
+            raise ValueError(f"iterate_purifications: {self.iterate_purifications} applies to DiffBreak's any-iterate "
+                             f"check only: set any_iterate: true, or remove iterate_purifications")
         if self.diffusion is None and any(d.kind == "purify" for d in self.defenses):
             raise ValueError("diffusion.source is required for purify defenses")
         if not self.partitions():

@@ -84,7 +84,8 @@ def write_attack_report(out: RunDir | str, *, expected: dict | None = None) -> s
         settings = con.sql("""
             SELECT defense, threat, attack, any_value(attack_kind), any_value(norm), any_value(eps),
                    any_value(t_star), any_value(steps), any_value(k), any_value(iterations), any_value(eot),
-                   any_value(step_size), any_value(random_start), any_value(score_purifications)
+                   any_value(step_size), any_value(random_start), any_value(score_purifications),
+                   coalesce(CAST(any_value(iterate_purifications) AS VARCHAR), '-')
             FROM attacks GROUP BY ALL ORDER BY defense, any_value(norm), any_value(eps), threat, attack""").fetchall()
     finally:
         con.close()
@@ -94,28 +95,31 @@ def write_attack_report(out: RunDir | str, *, expected: dict | None = None) -> s
     for r in rows:
         by_key.setdefault((r["defense"], r["threat"], r["attack"]), {})[r["rule"]] = r
     lines = ["# Attack evaluation report", "",
-             f"Run `{rows[0]['run_id'] if rows else '-'}`. Robust accuracy (%) of the final adversarial example, "
-             f"with Wilson {100 * CONFIDENCE:.0f} % intervals over the images, under three scoring rules over the "
-             "M scoring purifications: mean (fraction of purifications correct), majority (majority label "
-             "correct), worst (every purification correct). Clean accuracy is scored the same way, on the same "
-             "purifications (mean rule shown). dwbox rows are scored under the attack's own fixed noise.", ""]
+             f"Run `{rows[0]['run_id'] if rows else '-'}`. Robust accuracy (%) with Wilson {100 * CONFIDENCE:.0f} % "
+             "intervals over the images. Last-iterate protocol: the final adversarial example under three scoring "
+             "rules over the M scoring purifications: mean (fraction of purifications correct), majority "
+             "(majority label correct), worst (every purification correct); clean accuracy is scored the same way, "
+             "on the same purifications (mean rule shown). Any-iterate protocol (DiffBreak; only where the run "
+             "set any_iterate, else '-'): the clean image and every PGD iterate checked against M' fresh "
+             "purifications each, the image lost if any check's majority (majority) or any one purification "
+             "(worst) is wrong. dwbox rows are scored under the attack's own fixed noise.", ""]
     table_rows = []
     for (d, t, a), rules in by_key.items():
-        mean, maj, worst = rules["mean"], rules["majority"], rules["worst"]
+        mean = rules["mean"]
+        cells = [_pct(r["robust_accuracy"], r["robust_low"], r["robust_high"]) if r else "-"
+                 for r in (rules.get(rule) for rule in ("mean", "majority", "worst", "majority_any", "worst_any"))]
         table_rows.append([d, t, a, str(mean["images"]),
-                           _pct(mean["clean_accuracy"], mean["clean_low"], mean["clean_high"]),
-                           _pct(mean["robust_accuracy"], mean["robust_low"], mean["robust_high"]),
-                           _pct(maj["robust_accuracy"], maj["robust_low"], maj["robust_high"]),
-                           _pct(worst["robust_accuracy"], worst["robust_low"], worst["robust_high"]),
+                           _pct(mean["clean_accuracy"], mean["clean_low"], mean["clean_high"]), *cells,
                            f"{mean['gradient_calls']:.0f}", f"{mean['unet_calls']:.0f}", f"{mean['seconds']:.2f}"])
-    lines.append(markdown_table(["defense", "threat", "attack", "images", "clean (mean)", "robust mean",
-                                 "robust majority", "robust worst", "grad calls/img", "UNet calls/img", "s/img"],
-                                table_rows, "lllrrrrrrrr"))
+    lines.append(markdown_table(["defense", "threat", "attack", "images", "clean (mean)", "robust mean (last, M)",
+                                 "robust majority (last, M)", "robust worst (last, M)", "robust majority (any, M')",
+                                 "robust worst (any, M')", "grad calls/img", "UNet calls/img", "s/img"],
+                                table_rows, "lllrrrrrrrrrr"))
     lines += ["", "## Settings", ""]
     lines.append(markdown_table(
         ["defense", "threat", "attack", "kind", "norm", "eps", "t*", "UNet calls/purification", "K", "iterations",
-         "purifications/gradient", "step", "random start", "M"],
-        [[str(v) if not isinstance(v, float) else f"{v:.4g}" for v in s] for s in settings], "llllllrrrrrrlr"))
+         "purifications/gradient", "step", "random start", "M", "M'"],
+        [[str(v) if not isinstance(v, float) else f"{v:.4g}" for v in s] for s in settings], "llllllrrrrrrlrr"))
     missing = []
     if expected:
         have = {k: r["mean"]["images"] for k, r in by_key.items()}

@@ -9,7 +9,9 @@ once. For one task (a shard of images, one defense, threat model and attack) it:
 2. scores the clean images over M purifications (``densepure_core.attack.predict``);
 3. attacks them (``densepure_core.attack.run_attack``) and scores the final examples over the
    same M purifications (common random numbers: clean and adversarial predictions are paired),
-   or, for ``dwbox``, both under the attack's own fixed noise;
+   or, for ``dwbox``, both under the attack's own fixed noise; with ``any_iterate``, also checks
+   the clean image and every iterate against M' fresh purifications (DiffBreak's protocol,
+   ``densepure_core.attack.IterateCheck``);
 4. writes one row per image (``tasks.common.layout.ATTACKS_SCHEMA``) whole and atomically.
 
 A shard whose file already holds exactly its images for this config is skipped, so a rerun
@@ -28,16 +30,8 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import torch
 
-from densepure_core.attack import (
-    AttackSpec,
-    Defense,
-    ThreatModel,
-    eot_samples,
-    perturbation_norms,
-    predict,
-    run_attack,
-    score,
-)
+from densepure_core.attack import (AttackSpec, Defense, IterateCheck, ThreatModel, eot_samples, perturbation_norms,
+                                   predict, run_attack, score)
 from densepure_core.config.attack import AttackConfig
 from densepure_core.data.sources import DatasetError, load_image
 from tasks.attack.plan import AttackPlan, AttackTask, defense_t_star
@@ -201,7 +195,12 @@ class AttackWorker:
         purpose, m = ("fixed", 1) if fixed else ("score", self.cfg.score_purifications)
         t0 = time.perf_counter()
         clean = predict(defense, x, ids, run_seed=seed, purpose=purpose, purifications=m, max_rows=rows_cap)
-        x_adv, stats = run_attack(defense, x, y, ids, threat, spec, run_seed=seed, max_rows=rows_cap)
+        check = None
+        if self.cfg.any_iterate:
+            check = IterateCheck(defense, y.cpu().numpy(), ids, run_seed=seed,
+                                 purifications=self.cfg.iterate_purifications, fixed=fixed, max_rows=rows_cap)
+            check(0, x)  # the clean image, as DiffBreak's initial check
+        x_adv, stats = run_attack(defense, x, y, ids, threat, spec, run_seed=seed, max_rows=rows_cap, on_iterate=check)
         adv = predict(defense, x_adv, ids, run_seed=seed, purpose=purpose, purifications=m, max_rows=rows_cap)
         seconds = (time.perf_counter() - t0) / len(ids)
         labels = y.cpu().numpy()
@@ -210,6 +209,7 @@ class AttackWorker:
         m_scored = clean.shape[1]
         unet = stats.unet_calls + 2 * m_scored * defense.votes * defense.unet_calls
         clf_fp, diff_fp = self.fingerprints(defense)
+        checks = check.checks if check is not None else [0] * len(ids)  # per image: they stop once it is broken
         now = datetime.now(timezone.utc)
         rows = []
         for i, rec in enumerate(records):
@@ -220,12 +220,16 @@ class AttackWorker:
                 "t_star": -1 if defense.t_star is None else defense.t_star, "steps": defense.unet_calls,
                 "k": defense.votes, "iterations": stats.iterations, "eot": eot_samples(defense, spec),
                 "step_size": spec.step_size if spec.step_size is not None else threat.default_step_size(),
-                "random_start": spec.random_start, "gradient_calls": stats.gradient_calls, "unet_calls": unet,
+                "random_start": spec.random_start, "gradient_calls": stats.gradient_calls,
+                "unet_calls": unet + int(checks[i]) * defense.votes * defense.unet_calls,
                 "seconds": seconds, "linf": float(linf[i]), "l2": float(l2[i]), "score_purifications": m_scored,
                 "clean_predictions": clean[i].tolist(), "adv_predictions": adv[i].tolist(),
                 "clean_mean": float(s_clean.mean[i]), "clean_majority": bool(s_clean.majority[i]),
                 "clean_worst": bool(s_clean.worst[i]), "adv_mean": float(s_adv.mean[i]),
                 "adv_majority": bool(s_adv.majority[i]), "adv_worst": bool(s_adv.worst[i]),
+                "iterate_purifications": check.purifications if check else None,
+                "broken_at_majority": int(check.broken_at_majority[i]) if check else None,
+                "broken_at_worst": int(check.broken_at_worst[i]) if check else None,
                 "worker": self.worker, "seed": seed, "created_at": now,
                 "classifier_fingerprint": clf_fp, "diffusion_fingerprint": diff_fp,
             })

@@ -131,6 +131,12 @@ ATTACKS_SCHEMA = pa.schema([
     pa.field("adv_mean", pa.float64(), nullable=False),
     pa.field("adv_majority", pa.bool_(), nullable=False),
     pa.field("adv_worst", pa.bool_(), nullable=False),
+    # DiffBreak's any-iterate check (config any_iterate; null when it did not run): the first checked
+    # point (0: the clean image, i: after PGD iteration i) where the majority of / any one of the M'
+    # fresh purifications was wrong; -1: none.
+    pa.field("iterate_purifications", pa.int32(), nullable=True),  # M' as run (1: deterministic)
+    pa.field("broken_at_majority", pa.int32(), nullable=True),
+    pa.field("broken_at_worst", pa.int32(), nullable=True),
     pa.field("worker", pa.string(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),
     pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),

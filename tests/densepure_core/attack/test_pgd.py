@@ -15,7 +15,9 @@ import pytest
 import torch
 from attack_factory import tiny_defense, tiny_images
 
-from densepure_core.attack import AttackSpec, Defense, ThreatModel, eot_samples, predict, run_attack, score
+from densepure_core.attack import (NEVER, AttackSpec, Defense, IterateCheck, ThreatModel, eot_samples,
+                                   majority_labels, predict, run_attack, score)
+from densepure_core.attack_config import AttackItemConfig
 from densepure_core.config import DatasetConfig, resolve_source
 from densepure_core.data.sources import enumerate_records, load_image, select_records
 
@@ -43,8 +45,8 @@ def test_pgd_breaks_the_undefended_digits_classifier(digits):
     assert clean.shape == (60, 1) and clean_acc > 0.9
     robust = {}
     for eps in (8, 10):
-        x_adv, stats = run_attack(bare, x, y, ids, ThreatModel("linf", eps / 255), AttackSpec("pgd_eot", iterations=20),
-                                  run_seed=0)
+        x_adv, stats = run_attack(bare, x, y, ids, ThreatModel("linf", eps / 255),
+                                  AttackSpec("pgd_eot", iterations=20, random_start=False), run_seed=0)
         s = score(predict(bare, x_adv, ids, run_seed=0, purpose="score", purifications=10), y.numpy(), 10)
         assert (s.mean == s.worst).all() and (s.mean == s.majority).all()  # deterministic: one rule
         assert stats.gradient_calls == 20
@@ -103,3 +105,68 @@ def test_scoring_rules():
     assert s.mean.tolist() == [1.0, 0.5, 0.25, 0.0]
     assert s.majority.tolist() == [True, True, False, False]  # row 2: a 2-2 tie goes to the earliest (1)
     assert s.worst.tolist() == [True, False, False, False]
+
+
+def test_the_random_start_default_is_the_configs():
+    assert AttackSpec("pgd_eot").random_start is AttackItemConfig(kind="pgd_eot").random_start is True
+
+
+def _diffbreak_any_iterate(defense, points, y, ids, m, num_classes):
+    """Transcription of DiffBreak's evaluation loop (attacks/pgd.py projected_gradient_descent with
+    utils/wrapper.py eval_attack, untargeted): at every checked point, m fresh purifications;
+    'single' succeeds when any is wrong, 'batch' when the majority label is wrong; the image is
+    lost at the first point that succeeds (its loop stops there)."""
+    lost = {"majority": [NEVER] * len(ids), "worst": [NEVER] * len(ids)}
+    for i, x in enumerate(points):
+        preds = predict(defense, x, ids, run_seed=3, purpose=f"check{i}", purifications=m)
+        for b in range(len(ids)):
+            single = bool((preds[b] != y[b]).any())
+            batch = bool(majority_labels(preds[b:b + 1], num_classes)[0] != y[b])
+            if lost["worst"][b] == NEVER and single:
+                lost["worst"][b] = i
+            if lost["majority"][b] == NEVER and batch:
+                lost["majority"][b] = i
+    return lost
+
+
+def test_any_iterate_check_is_diffbreaks_protocol_and_keyed_per_image():
+    defense = tiny_defense(steps=2, t_star=300, k=1)
+    x, y = tiny_images(6), torch.tensor([0, 1, 2, 0, 1, 2])
+    ids = [f"img{i}" for i in range(6)]
+    points = [x]
+    check = IterateCheck(defense, y.numpy(), ids, run_seed=3, purifications=5)
+    check(0, x)
+    spec = AttackSpec("pgd_eot", iterations=4, eot=2)
+    run_attack(defense, x, y, ids, ThreatModel("linf", 16 / 255), spec, run_seed=3,
+               on_iterate=lambda i, xi: (points.append(xi.clone()), check(i, xi)))
+    assert len(points) == 5
+    expected = _diffbreak_any_iterate(defense, points, y.numpy(), ids, 5, 3)
+    assert check.broken_at_majority.tolist() == expected["majority"]
+    assert check.broken_at_worst.tolist() == expected["worst"]
+    assert check.purifications == 5
+    # this tiny defense loses some images at some point and keeps others under majority
+    assert (check.broken_at_worst != NEVER).any()
+    # worst case breaks no later than majority; a majority-broken image is not checked again
+    both = check.broken_at_majority != NEVER
+    assert (check.broken_at_worst[both] <= check.broken_at_majority[both]).all()
+    assert (check.checks[both] == 5 * (check.broken_at_majority[both] + 1)).all()
+    # an image's outcome does not depend on the batch it is checked in
+    alone = IterateCheck(defense, y.numpy()[2:3], ids[2:3], run_seed=3, purifications=5)
+    for i, p in enumerate(points):
+        alone(i, p[2:3])
+    assert alone.broken_at_worst[0] == check.broken_at_worst[2]
+    assert alone.broken_at_majority[0] == check.broken_at_majority[2]
+
+
+def test_any_iterate_check_under_fixed_noise_or_without_purification_is_one_prediction():
+    defense = tiny_defense(steps=2, t_star=100)
+    x, y = tiny_images(2), torch.tensor([0, 1])
+    fixed = IterateCheck(defense, y.numpy(), ["a", "b"], run_seed=0, purifications=32, fixed=True)
+    fixed(0, x)
+    assert fixed.purifications == 1 and fixed.checks.tolist() == [1, 1]
+    expected = predict(defense, x, ["a", "b"], run_seed=0, purpose="fixed", purifications=1)[:, 0] != y.numpy()
+    assert (fixed.broken_at_worst == 0).tolist() == expected.tolist()
+    bare = IterateCheck(Defense("none", defense.classifier), y.numpy(), ["a", "b"], run_seed=0)
+    assert bare.purifications == 1
+    with pytest.raises(ValueError, match="purifications must be >= 1"):
+        IterateCheck(defense, y.numpy(), ["a", "b"], run_seed=0, purifications=0)

@@ -58,6 +58,7 @@ def test_the_hash_follows_the_rows_not_the_operations():
     ({"threats": [{"norm": "linf", "eps": 0}]}, "eps must be a finite number > 0"),
     ({"defenses": [{"kind": "none"}], "attacks": [{"kind": "bpda"}]}, "no \\(defense, threat, attack\\)"),
     ({"diffusion": None}, "diffusion.source is required"),
+    ({"iterate_purifications": 16}, "any_iterate: true"),
     ({"threats": [{"norm": "linf", "eps": 0.1}, {"norm": "linf", "eps": 0.1}]}, "distinct names"),
 ])
 def test_bad_settings_are_refused_naming_the_field(over, message):
@@ -89,3 +90,13 @@ def test_the_addt_fraction_fields_are_named_in_errors():
 
     with pytest.raises(ConfigError, match="linf_step '2/x'"):
         load_config("addt_default", ["variant=linf", "linf_step=2/x"], model=AddtConfig)
+
+
+def test_the_any_iterate_protocol_is_off_by_default_and_changes_the_hash_when_on():
+    base = AttackConfig.model_validate(_data())
+    assert not base.any_iterate and base.iterate_purifications == 32  # DiffBreak's default M'
+    on = AttackConfig.model_validate(_data(any_iterate=True))
+    assert on.config_hash() != base.config_hash()
+    assert AttackConfig.model_validate(_data(any_iterate=True, iterate_purifications=8)).config_hash() != \
+        on.config_hash()
+    assert "any_iterate" not in base.vote_fields() and "iterate_purifications" not in base.vote_fields()

@@ -182,3 +182,44 @@ def test_defenses_are_built_with_the_configured_chain(tmp_path):
     assert one.t_star == 50 and one.process.timesteps == (50,) and one.noise_draws == 1
     assert full.t_star == 10 and full.process.timesteps == tuple(range(10, -1, -1)) and full.noise_draws == 11
     assert worker.defense("full") is full  # built once
+
+
+def test_diffbreaks_any_iterate_protocol_next_to_the_last_iterate_rules(tmp_path):
+    data = attack_job(tmp_path, any_iterate=True, iterate_purifications=4)
+    cfg = AttackConfig.model_validate(data)
+    plan = plan_attack(cfg)
+    run_all(cfg, plan)
+    rows = pq.read_table(Path(cfg.out) / "attacks", partitioning=None, schema=ATTACKS_SCHEMA).to_pylist()
+    for r in rows:
+        m = 1 if r["defense"] == "none" or r["attack"] == "dwbox" else 4
+        assert r["iterate_purifications"] == m
+        assert -1 <= r["broken_at_worst"] <= r["iterations"] and -1 <= r["broken_at_majority"] <= r["iterations"]
+        if r["broken_at_majority"] != -1:  # a wrong majority is a wrong prediction: worst case broke no later
+            assert 0 <= r["broken_at_worst"] <= r["broken_at_majority"]
+    con = connect(cfg.out)
+    try:
+        summary = con.sql("SELECT * FROM attack_summary").to_arrow_table().to_pylist()
+        raw = con.sql("""SELECT count(*) FILTER (WHERE broken_at_worst = -1), count(*) FILTER (WHERE broken_at_worst <> 0)
+                         FROM attacks WHERE attack = 'bpda'""").fetchall()[0]
+    finally:
+        con.close()
+    assert [r["rule"] for r in summary[:5]] == ["mean", "majority", "worst", "majority_any", "worst_any"]
+    any_worst = next(r for r in summary if r["attack"] == "bpda" and r["rule"] == "worst_any")
+    assert any_worst["robust_accuracy"] == pytest.approx(raw[0] / 6)
+    assert any_worst["clean_accuracy"] == pytest.approx(raw[1] / 6)
+    report = write_attack_report(cfg.out)
+    assert "robust worst (any, M')" in report and "robust worst (last, M)" in report
+
+
+def test_rows_without_the_any_iterate_check_have_no_any_iterate_rules(done):
+    _, cfg, _, _ = done
+    assert not cfg.any_iterate
+    rows = pq.read_table(Path(cfg.out) / "attacks", partitioning=None, schema=ATTACKS_SCHEMA).to_pylist()
+    assert all(r["iterate_purifications"] is None and r["broken_at_worst"] is None for r in rows)
+    con = connect(cfg.out)
+    try:
+        rules = {r[0] for r in con.sql("SELECT DISTINCT rule FROM attack_summary").fetchall()}
+    finally:
+        con.close()
+    assert rules == {"mean", "majority", "worst"}
+    assert "| - | - |" in write_attack_report(cfg.out)
