@@ -75,7 +75,8 @@ def test_digits_attacks_benchmark_dry_run(capsys):
     result = load("digits_attacks").main(["--dry-run"])
     assert result["images"] == 2 and result["partitions"] == 7  # none + 2 purifiers x 3 attacks, 1 threat
     out = capsys.readouterr().out
-    assert "robust (worst)" in out and "exact only" in out
+    assert "worst (last, M=2)" in out and "worst (any, M'=3)" in out and "exact only" in out
+    assert "union + targeted" in out and "load average" in out
     assert last_line_of(out)["dry_run"] == "True"
 
 
@@ -85,9 +86,18 @@ def last_line_of(text: str) -> dict:
 
 def test_undefended_digits_benchmark_dry_run(capsys):
     result = load("undefended_digits").main(["--dry-run"])
-    assert result["images"] == 20 and 0 <= result["pgd20_12"] <= result["pgd20_8"] <= result["clean"]
-    assert result["restarts_and_targeted_8"] <= result["restarts2_8"]
+    assert result["images"] == 20 and 0 <= result["short_10"] and result["short_8"] <= result["clean"]
+    for e in (8, 10):  # a union of attacks never leaves more than any of its members
+        assert result[f"union_targeted_{e}"] <= result[f"union_{e}"] <= result[f"long_{e}"]
     assert last_line_of(capsys.readouterr().out)["dry_run"] == "True"
+
+
+def test_cgpo_effect_benchmark_dry_run(capsys):
+    (row,) = load("cgpo_effect").main(["--dry-run"])
+    assert row["t"] == 100 and row["images"] == 4 and 0 < row["lambda"] < 0.3
+    assert row["fresh"] == pytest.approx(row["random"] + row["fresh_gain"])
+    out = capsys.readouterr().out
+    assert "CGPO fresh noise" in out and last_line_of(out)["dry_run"] == "True"
 
 
 @pytest.mark.slow
