@@ -75,7 +75,7 @@ def test_digits_attacks_benchmark_dry_run(capsys):
     result = load("digits_attacks").main(["--dry-run"])
     assert result["images"] == 2 and result["partitions"] == 7  # none + 2 purifiers x 3 attacks, 1 threat
     out = capsys.readouterr().out
-    assert "worst (last, M=2)" in out and "worst (any, M'=3)" in out and "exact only" in out
+    assert "worst (last, M=2)" in out and "worst (any, M'=3)" in out and "exact only" in out and "K=2 only" in out
     assert "union + targeted" in out and "load average" in out
     assert last_line_of(out)["dry_run"] == "True"
 
