@@ -8,7 +8,8 @@ and the exact McNemar test on the discordant images (a two-sided binomial test o
 "B only" at p = 1/2: :func:`densepure_core.certification.stats.binomial_test_pvalue`).
 
 Attack evaluation: per (defense, threat, attack) and scoring rule, the same on robust accuracy
-(``majority`` and ``worst``: one 0/1 outcome per image). The ``mean`` rule's outcome is a fraction
+(``majority`` and ``worst`` of the last iterate, and DiffBreak's ``majority_any`` and ``worst_any``
+where both runs checked every iterate: one 0/1 outcome per image). The ``mean`` rule's outcome is a fraction
 per image: its difference gets a paired t interval and the exact sign test on the images whose
 fractions differ.
 
@@ -170,10 +171,14 @@ def _compare_certification(con, a: RunFiles, b: RunFiles, radii: list[float] | N
 def _compare_attacks(con, a: RunFiles, b: RunFiles) -> Comparison:
     matched, only_a, only_b = _matching(con, "attacks", "defense, threat, attack", a, b)
     rows = []
-    for rule, column in (("majority", "adv_majority"), ("worst", "adv_worst")):
+    # last-iterate rules, and DiffBreak's any-iterate ones where both runs checked every iterate
+    for rule, column in (("majority", "adv_majority"), ("worst", "adv_worst"),
+                         ("majority_any", "broken_at_majority = -1"), ("worst_any", "broken_at_worst = -1")):
         counts = con.execute(f"""
-            WITH x AS (SELECT defense, threat, attack, image_id, {column} AS ok FROM attacks WHERE run_id = ?),
-                 y AS (SELECT defense, threat, attack, image_id, {column} AS ok FROM attacks WHERE run_id = ?)
+            WITH x AS (SELECT defense, threat, attack, image_id, {column} AS ok FROM attacks
+                       WHERE run_id = ? AND {column} IS NOT NULL),
+                 y AS (SELECT defense, threat, attack, image_id, {column} AS ok FROM attacks
+                       WHERE run_id = ? AND {column} IS NOT NULL)
             SELECT defense, threat, attack, count(*) FILTER (x.ok AND y.ok), count(*) FILTER (x.ok AND NOT y.ok),
                    count(*) FILTER (y.ok AND NOT x.ok), count(*) FILTER (NOT x.ok AND NOT y.ok)
             FROM x JOIN y USING (defense, threat, attack, image_id) GROUP BY ALL""", [a.run_id, b.run_id]).fetchall()
@@ -205,7 +210,7 @@ def _compare_attacks(con, a: RunFiles, b: RunFiles) -> Comparison:
                      "b_only": up, "p_value": float(binomial_test_pvalue(down, up))})
     if not rows:
         raise CompareError(f"{a.run} and {b.run} share no attacked image of any (defense, threat, attack)")
-    order = {"mean": 0, "majority": 1, "worst": 2}
+    order = {"mean": 0, "majority": 1, "worst": 2, "majority_any": 3, "worst_any": 4}
     rows.sort(key=lambda r: (r["defense"], r["threat"], r["attack"], order[r["rule"]]))
     return Comparison(a, b, "attack", _differing(a, b), matched, only_a, only_b, ATTACK_COLUMNS, rows)
 

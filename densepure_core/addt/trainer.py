@@ -18,7 +18,7 @@ same trajectory. Dropout (if the model has any, or ``dropout`` forces it) draws 
 generator, re-seeded per (seed, step, rank): the one draw that depends on the worker count.
 
 :data:`DRAWS_VERSION` numbers this scheme; a training OUT records it in run.json, and an OUT of
-another version is never resumed (tasks/train_addt.py): version 1 (before issue 24) reused one
+another version is never resumed (tasks/train_addt/train.py): version 1 (before issue 24) reused one
 mixing-noise draw for all CGPO iterations.
 
 CGPO runs on the bare module (``trainer.unet``): it differentiates w.r.t. delta only, and a

@@ -16,7 +16,7 @@ from attack_factory import tiny_defense, tiny_images
 
 from densepure_core.attack import (NEVER, AttackSpec, Defense, IterateCheck, ThreatModel, eot_samples,
                                    majority_labels, predict, run_attack, score)
-from densepure_core.attack_config import AttackItemConfig
+from densepure_core.config.attack import AttackItemConfig
 from densepure_core.config import DatasetConfig, resolve_source
 from densepure_core.data.sources import enumerate_records, load_image, select_records
 

@@ -60,7 +60,8 @@ def test_valid_config_and_method_labels():
 def test_invalid_values_are_refused_naming_the_field(override, field):
     with pytest.raises(ConfigError) as info:
         load_config(data=base(), overrides=[override])
-    assert f"  {field}" in str(info.value), str(info.value)
+    msg = str(info.value)  # a field the override set is reported against --set, others by their place
+    assert (f"  --set {field}:" in msg) == (override.split("=")[0] == field) and f" {field}:" in msg, msg
 
 
 def test_diffusion_required_for_dds():
