@@ -35,6 +35,8 @@ from datetime import datetime, timezone
 
 from typing import TYPE_CHECKING
 
+from tasks.common import storage
+
 if TYPE_CHECKING:  # the handle hands itself in (RunDir.lease): no import at run time
     from tasks.common.run_dir import RunDir
 
@@ -44,6 +46,10 @@ log = logging.getLogger("densepure.lease")
 
 DEFAULT_TTL = 120.0
 _FILE = "lease.json"
+
+
+class _Changed(Exception):
+    """A conditional write found another version than the one it was conditioned on."""
 
 
 class LeaseHeldError(ValueError):
@@ -125,12 +131,25 @@ class Lease:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def _s3(self, action: str, method: str, **kwargs):
+        """One S3 request on the lease object. A failed condition raises :class:`_Changed`, an
+        existing object on If-None-Match FileExistsError; anything else (an unreachable endpoint,
+        a missing bucket) a StorageError that names OUT and what to check."""
+        bucket, key = self._split()
+        try:
+            return self.run.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs)
+        except (FileExistsError, FileNotFoundError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - botocore's errors are no OSError
+            if "pre-condition" in str(exc) or "PreconditionFailed" in str(exc):
+                raise _Changed() from None
+            raise storage.wrap_error(self.uri, action, exc) from exc
+
     def _read(self) -> tuple[dict | None, str | None]:
         """The current lease document and its version (ETag on S3, the text locally); (None, None) if none."""
         try:
             if self.run.is_s3:
-                bucket, key = self._split()
-                resp = self.run.fs.call_s3("head_object", Bucket=bucket, Key=key)
+                resp = self._s3("read", "head_object")
                 return json.loads(self.run.read_bytes(self.uri)), resp["ETag"]
             with open(self.uri, encoding="utf-8") as f:
                 text = f.read()
@@ -153,11 +172,9 @@ class Lease:
     def _create(self) -> bool:
         """Write our document if no lease file exists; False when one does."""
         if self.run.is_s3:
-            bucket, key = self._split()
             try:
-                resp = self.run.fs.call_s3("put_object", Bucket=bucket, Key=key,
-                                           Body=json.dumps(self.doc, indent=2).encode(), IfNoneMatch="*")
-            except FileExistsError:
+                resp = self._s3("write", "put_object", Body=json.dumps(self.doc, indent=2).encode(), IfNoneMatch="*")
+            except (FileExistsError, _Changed):
                 return False
             self._version = resp["ETag"]
             return True
@@ -174,11 +191,9 @@ class Lease:
     def _replace(self, version: str | None) -> bool:
         """Overwrite the lease whose version is ``version`` with our document; False if it changed."""
         if self.run.is_s3:
-            bucket, key = self._split()
             try:
-                resp = self.run.fs.call_s3("put_object", Bucket=bucket, Key=key,
-                                           Body=json.dumps(self.doc, indent=2).encode(), IfMatch=version)
-            except (OSError, FileNotFoundError):
+                resp = self._s3("write", "put_object", Body=json.dumps(self.doc, indent=2).encode(), IfMatch=version)
+            except (_Changed, FileNotFoundError):
                 return False
             self._version = resp["ETag"]
             return True
@@ -262,15 +277,14 @@ class Lease:
             return
         try:
             if self.run.is_s3:
-                bucket, key = self._split()
-                self.run.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=self._version)
+                self._s3("delete", "delete_object", IfMatch=self._version)
             else:
                 with self._locked():
                     if self._read()[1] == self._version:
                         os.unlink(self.uri)
                     if self._made_dir and not os.listdir(self._made_dir):
                         os.rmdir(self._made_dir)  # a refused run leaves no trace
-        except (OSError, FileNotFoundError) as exc:
+        except (OSError, FileNotFoundError, _Changed) as exc:
             log.warning("%s: could not release the lease (%s); it expires by itself", self.run, exc)
 
     def __enter__(self) -> "Lease":

@@ -158,7 +158,8 @@ def flat_fields(fields: dict, prefix: str = "") -> dict:
 def changed_partitions_error(run, changed: list[str], diff: set[str], rows: str, extendable: str) -> PlanError:
     """The refusal of a config that changes partitions which already hold ``rows``."""
     return PlanError(
-        f"{run} already holds {rows} of partition(s) {', '.join(changed)}, and this config changes what they "
-        f"depend on (fields that differ: {', '.join(sorted(diff))}). Results of different settings are never "
-        f"mixed: choose another --out, or rerun with the stored config ({run.config_uri}) to resume it. "
-        f"Partitions without {rows} may change, and {extendable} may be added, on the same OUT.")
+        f"{run} already holds a run with a different config: its {rows} of partition(s) {', '.join(changed)} "
+        f"depend on fields this config changes (fields that differ: {', '.join(sorted(diff))}). Results of "
+        f"different settings are never mixed: choose another --out, or rerun with the stored config "
+        f"({run.config_uri}) to resume it. Partitions without {rows} may change, and {extendable} may be added, "
+        f"on the same OUT.")

@@ -45,6 +45,7 @@ __all__ = [
     "list_files",
     "remove",
     "StorageError",
+    "wrap_error",
 ]
 
 
@@ -70,7 +71,7 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
-def _wrap(uri: str, action: str, exc: Exception) -> StorageError:
+def wrap_error(uri: str, action: str, exc: Exception) -> StorageError:
     hint = ""
     if is_s3(uri):
         hint = (" Check that the bucket exists, the credentials in the AWS environment allow it, "
@@ -86,7 +87,7 @@ def exists(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> bool:
     try:
         return fs.exists(path)
     except Exception as exc:  # unreachable endpoint etc.
-        raise _wrap(uri, "check", exc) from exc
+        raise wrap_error(uri, "check", exc) from exc
 
 
 def read_bytes(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> bytes:
@@ -97,7 +98,7 @@ def read_bytes(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> bytes:
     except FileNotFoundError:
         raise
     except Exception as exc:
-        raise _wrap(uri, "read", exc) from exc
+        raise wrap_error(uri, "read", exc) from exc
 
 
 def read_text(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> str:
@@ -128,7 +129,7 @@ def write_bytes_atomic(uri: str, data: bytes, fs: fsspec.AbstractFileSystem | No
     except StorageError:
         raise
     except Exception as exc:
-        raise _wrap(uri, "write", exc) from exc
+        raise wrap_error(uri, "write", exc) from exc
 
 
 def write_text_atomic(uri: str, text: str, fs: fsspec.AbstractFileSystem | None = None) -> None:
@@ -155,7 +156,7 @@ def remove(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> bool:
     except FileNotFoundError:  # removed in between
         return False
     except Exception as exc:
-        raise _wrap(uri, "delete", exc) from exc
+        raise wrap_error(uri, "delete", exc) from exc
     return True
 
 
@@ -170,7 +171,7 @@ def list_files(uri: str, suffix: str = "", fs: fsspec.AbstractFileSystem | None 
             return []
         found = fs.find(path)
     except Exception as exc:
-        raise _wrap(uri, "list", exc) from exc
+        raise wrap_error(uri, "list", exc) from exc
     out = []
     for p in sorted(found):
         if not p.endswith(suffix) or posixpath.basename(p).startswith("."):

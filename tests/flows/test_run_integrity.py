@@ -82,7 +82,7 @@ def test_a_run_grows_by_sigmas_and_methods_and_never_mixes_models(tmp_path):
     changed = runner.invoke(app, ["certify", "--config", str(tmp_path / "grown.yaml"), "--set", "n=13"])
     assert changed.exit_code == 1
     message = one_error_line(changed)
-    assert "already holds votes of partition(s) 0.25/dds, 0.25/rs, 0.5/dds, 0.5/rs" in message
+    assert "different config: its votes of partition(s) 0.25/dds, 0.25/rs, 0.5/dds, 0.5/rs" in message
     assert "fields that differ: n)" in message and "another --out" in message
 
     # Item 2: other weights under the same diffusion.source, one DDS shard deleted: the resume is
@@ -128,21 +128,25 @@ def test_a_second_run_is_told_who_holds_the_out_and_a_mixed_out_is_repaired(tmp_
     assert "2 shard(s) already complete, skipped" in again.output  # one line for every complete shard
     assert not (out / "lease.json").exists()
 
-    # An OUT two runs wrote before leases existed: shards of another run_id.
+    # An OUT two runs of one config wrote before leases existed: a shard of another run_id.
     shard0 = out / "votes" / "sigma=0.5" / "method=rs" / "shard=00000.parquet"
     shard1 = out / "votes" / "sigma=0.5" / "method=rs" / "shard=00001.parquet"
-    for shard, config_hash in ((shard0, None), (shard1, "0123456789abcdef")):
+
+    def relabel(shard, config_hash=None):
         table = pq.read_table(shard)
         table = table.set_column(0, table.schema.field(0), pa.array(["tiny-other"] * table.num_rows))
         if config_hash:  # a run of another config: its counts cannot be kept
             i = table.schema.get_field_index("config_hash")
             table = table.set_column(i, table.schema.field(i), pa.array([config_hash] * table.num_rows))
         pq.write_table(table, shard)
+
+    relabel(shard0)
     stuck = runner.invoke(app, ["certify", "--config", config])
     assert stuck.exit_code == 1
     message = one_error_line(stuck)
     assert "mixes" in message and "run_id" in message and "densepure repair OUT" in message
-    assert "shard=00000.parquet" in message
+    assert "tiny-other: " in message and "shard=00000.parquet" in message
+    relabel(shard1, "0123456789abcdef")  # and one of another config too
     repaired = runner.invoke(app, ["repair", str(out)])
     assert repaired.exit_code == 0, repaired.output
     assert "1 relabelled" in repaired.output and "1 removed" in repaired.output
@@ -172,7 +176,7 @@ def test_attack_replans_after_a_failed_start_and_refuses_a_replaced_classifier(t
     run = _run_json(out)
     rows = pq.read_table(out / "attacks", partitioning=None).to_pylist()
     assert {r["classifier_fingerprint"] for r in rows} == {run["model_fingerprints"][data["classifier"]["source"]]}
-    assert {r["score_purifications"] for r in rows} == {2}
+    assert yaml.safe_load((out / "config.yaml").read_text())["score_purifications"] == 2  # the corrected plan
 
     # Item 2 for attacks: other classifier weights under the same source, one shard deleted: the
     # resume is refused, naming the model and the fingerprint the rows were made with.

@@ -92,8 +92,8 @@ def test_a_different_config_is_refused_naming_the_fields(tmp_path):
     assert not again.resumed and again.run_id != first.run_id
     assert yaml.safe_load((out / "config.yaml").read_text())["n"] == 77
     _voted(out)
-    with pytest.raises(PlanError, match=r"holds votes of partition\(s\) 0.25/rs, and this config changes what "
-                                        r"they depend on \(fields that differ: n, seed\)"):
+    with pytest.raises(PlanError, match=r"different config: its votes of partition\(s\) 0.25/rs depend on "
+                                        r"fields this config changes \(fields that differ: n, seed\)"):
         plan_run(config(root, out))
 
 
