@@ -64,19 +64,27 @@ class MethodConfig(_Strict):
 class AdaptiveConfig(_Strict):
     """Settings of ``sampling: adaptive`` (docs/sequential.md; densepure_core/certification/sequential.py).
 
-    ``bound``: the anytime-valid bound (``staged``: Clopper-Pearson at geometric looks with
-    ``ratio``, alpha split ``split``; ``betabin``: Robbins' mixture with prior ``a``, ``b``,
-    a look every ``batch``). ``batch``: estimation copies per look step (the first look).
-    ``stop: false`` turns the stopping rule off (exactly n_max copies: fixed CERTIFY's counts).
-    ``alpha`` and ``radii`` steer the stopping rule only (default: the run's ``alpha`` and
-    ``radii``); they decide where an image stops, so they are part of an adaptive run's hash,
-    but never the certificate's validity (re-certify at any alpha with ``densepure sql``).
+    ``bound``: the anytime-valid bound. ``hybrid`` (default): the one-sided beta mixture (prior
+    ``a``, ``b``) at ``(1 - final) alpha`` at every look, plus Clopper-Pearson at ``final * alpha``
+    at n_max; ``onesided``: the one-sided mixture alone; ``staged``: Clopper-Pearson at geometric
+    looks with ``ratio``, alpha split ``split``; ``betabin``: Robbins' two-sided mixture. The
+    mixtures look every ``batch`` estimation copies (``batch`` is also the first look).
+    ``futility``: stop an image once the predictive probability of reaching the next radius
+    by n_max falls below it (0: off); like the grid, it steers where images stop, never the
+    certificate's validity. ``stop: false`` turns the stopping rule off (exactly n_max copies:
+    fixed CERTIFY's counts). ``alpha`` and ``radii`` steer the stopping rule only (default: the
+    run's ``alpha`` and ``radii``); they decide where an image stops, so they are part of an
+    adaptive run's hash, but never the certificate's validity (re-certify at any alpha fixed
+    in advance with ``densepure sql``).
     """
 
-    bound: Literal["staged", "betabin"] = votes("staged")
+    bound: Literal["hybrid", "onesided", "staged", "betabin"] = votes("hybrid")
     batch: int = votes(100, ge=1)
     ratio: float = votes(1.5, gt=1.0)
     split: Literal["equal", "late"] = votes("equal")
+    final: float = votes(0.75, gt=0.0, lt=1.0, description="hybrid: the share of alpha kept for n_max")
+    futility: float = votes(0.1, ge=0.0, lt=1.0, description="stop when the next radius is this unlikely "
+                                                             "(predictive probability); 0: off")
     a: float = votes(0.5, gt=0.0)
     b: float = votes(0.5, gt=0.0)
     stop: bool = votes(True)
@@ -90,24 +98,32 @@ class AdaptiveConfig(_Strict):
             raise ValueError(f"adaptive.radii must be non-empty, non-negative and ascending (got {v})")
         return v
 
+    @model_validator(mode="after")
+    def _prior(self) -> "AdaptiveConfig":
+        if self.bound in ("hybrid", "onesided") and (self.a > 1 or self.b > 1):
+            raise ValueError(f"adaptive.a and adaptive.b must be <= 1 with bound {self.bound} (got a={self.a}, "
+                             f"b={self.b}): the one-sided mixture's bisection relies on it; use the default "
+                             f"0.5, or bound betabin for a larger prior")
+        return self
+
     def bound_params(self, n_max: int) -> dict[str, Any]:
         """The bound's parameters as stored with the votes (``bound_params``)."""
         from densepure_core.certification.sequential import geometric_looks
 
-        if self.bound == "betabin":
+        if self.bound in ("betabin", "onesided"):
             return {"a": float(self.a), "b": float(self.b)}
+        if self.bound == "hybrid":
+            return {"a": float(self.a), "b": float(self.b), "final": float(self.final), "n_max": int(n_max)}
         looks = geometric_looks(self.batch, n_max, self.ratio) if self.stop else (n_max,)
         return {"looks": [int(v) for v in looks], "split": self.split}
 
     def schedule(self, n_max: int) -> tuple[int, ...]:
         """The looks at which the rule is consulted (the last is n_max)."""
-        from densepure_core.certification.sequential import batch_looks
+        from densepure_core.certification.sequential import default_schedule
 
         if not self.stop:
             return (int(n_max),)
-        if self.bound == "betabin":
-            return batch_looks(self.batch, n_max)
-        return tuple(self.bound_params(n_max)["looks"])
+        return default_schedule(self.bound, self.batch, n_max, self.bound_params(n_max))
 
 
 class CertifyConfig(_JobConfig):

@@ -1,6 +1,6 @@
 """Adaptive sampling in the engine: which copies an image needs next, from its labels so far.
 
-The rule and the bounds are :mod:`densepure_core.certification.sequential`'s (``evaluate_look``); this module only maps an engine job's labels
+The rule and the bounds are :mod:`densepure_core.certification.sequential`'s (``StoppingRule.evaluate``); this module only maps an engine job's labels
 (copies 0..n0-1: selection; n0..: estimation, in copy order) onto them. An image starts with
 its n0 selection copies and the estimation copies up to the first look; when every copy up to
 a look is decided, :meth:`AdaptivePlan.next_copies` consults the rule and either stops the image
@@ -12,6 +12,7 @@ off (one look at n_max) the counts are fixed CERTIFY's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -43,10 +44,11 @@ class AdaptivePlan:
         alpha, radii: the stopping rule's alpha and radius grid (they steer where an image
             stops; the certificate is re-computed from the stored fields at any alpha).
         sigma: the partition's noise level.
-        bound: ``"staged"`` or ``"betabin"``.
+        bound: one of ``sequential.BOUNDS``.
         params: the bound's parameters (stored with the votes as ``bound_params``).
         schedule: the looks (estimation copies) at which the rule is consulted; ends at n_max.
         stop: False: no stopping (exactly n_max copies, one look).
+        futility: the futility threshold of the rule (0: none); it steers the stop only.
     """
 
     n0: int
@@ -58,14 +60,20 @@ class AdaptivePlan:
     params: dict[str, Any]
     schedule: tuple[int, ...]
     stop: bool = True
+    futility: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.schedule or self.schedule[-1] != self.n_max:
             raise ValueError(f"the schedule must end at n_max = {self.n_max}, got {self.schedule}")
         if not self.stop and tuple(self.schedule) != (self.n_max,):
             raise ValueError("stop=False draws n_max copies: the schedule must be (n_max,)")
-        # validates the bound and its parameters once (staged: every look is a bound look)
-        sequential.anytime_lower_bound(0, np.asarray(self.schedule), self.alpha, self.bound, **self.params)
+        self.rule  # validates the bound, its parameters and the looks once
+
+    @cached_property
+    def rule(self) -> sequential.StoppingRule:
+        """The stopping rule (its count tables are built on the first look)."""
+        return sequential.StoppingRule(self.alpha, self.sigma, tuple(self.radii), self.n_max, tuple(self.schedule),
+                                       self.bound, dict(self.params), float(self.futility), self.stop)
 
     @classmethod
     def from_config(cls, cfg: Any, sigma: float) -> "AdaptivePlan":
@@ -73,7 +81,7 @@ class AdaptivePlan:
         ada, n_max = cfg.adaptive, cfg.budget
         return cls(n0=cfg.n0, n_max=n_max, alpha=cfg.stop_alpha(), sigma=float(sigma),
                    radii=tuple(cfg.stop_radii()), bound=ada.bound, params=ada.bound_params(n_max),
-                   schedule=tuple(ada.schedule(n_max)), stop=ada.stop)
+                   schedule=tuple(ada.schedule(n_max)), stop=ada.stop, futility=float(ada.futility))
 
     def first_copies(self) -> range:
         """The copies an image opens with: selection plus estimation up to the first look."""
@@ -88,8 +96,7 @@ class AdaptivePlan:
         n = labels.size - self.n0
         c_a = int(np.argmax(np.bincount(labels[:self.n0])))  # ties to the lowest class
         n_a = int(np.count_nonzero(labels[self.n0:] == c_a))
-        lower, upper, code = sequential.evaluate_look(n_a, n, self.alpha, self.sigma, self.radii, self.n_max,
-                                                      self.schedule, self.bound, self.stop, **self.params)
+        lower, upper, code = self.rule.evaluate(n_a, n)
         state.n_used, state.n_a, state.lower, state.upper = n, n_a, lower, upper
         state.looks.append(n)
         if code:

@@ -181,15 +181,38 @@ def test_adaptive_hash_covers_the_stopping_rule():
     assert h == load_config(data=base(), overrides=ada + ["alpha=0.01", "adaptive.alpha=0.001"]).config_hash()
     # n_max defaults to n: spelling it out is the same run
     assert h == load_config(data=base(), overrides=ada + ["n_max=10000"]).config_hash()
-    for other in ["n_max=500", "adaptive.bound=betabin", "adaptive.batch=50", "adaptive.stop=false",
-                  "adaptive.split=late", "adaptive.ratio=2"]:
+    for other in ["n_max=500", "adaptive.bound=betabin", "adaptive.bound=staged", "adaptive.bound=onesided",
+                  "adaptive.batch=50", "adaptive.stop=false", "adaptive.split=late", "adaptive.ratio=2",
+                  "adaptive.final=0.5", "adaptive.futility=0", "adaptive.futility=0.05", "adaptive.a=1"]:
         assert h != load_config(data=base(), overrides=ada + [other]).config_hash(), other
     assert h == load_config(data=base(), overrides=ada + ["batch_size=3"]).config_hash()
+    # the default rule: the hybrid bound (a look every batch) with futility
     cfg = load_config(data=base(), overrides=ada + ["n_max=1000", "adaptive.batch=100"])
-    assert cfg.budget == 1000 and cfg.adaptive.schedule(1000)[-1] == 1000
-    assert cfg.adaptive.bound_params(1000) == {"looks": [100, 200, 300, 500, 800, 1000], "split": "equal"}
+    assert cfg.budget == 1000 and cfg.adaptive.schedule(1000) == (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000)
+    assert cfg.adaptive.bound_params(1000) == {"a": 0.5, "b": 0.5, "final": 0.75, "n_max": 1000}
+    assert cfg.adaptive.futility == 0.1
+    staged = load_config(data=base(), overrides=ada + ["n_max=1000", "adaptive.bound=staged"])
+    assert staged.adaptive.schedule(1000) == (100, 200, 300, 500, 800, 1000)
+    assert staged.adaptive.bound_params(1000) == {"looks": [100, 200, 300, 500, 800, 1000], "split": "equal"}
     with pytest.raises(ConfigError, match="adaptive.radii"):
         load_config(data=base(), overrides=ada + ["adaptive.radii=[1.0,0.5]"])
+
+
+@pytest.mark.parametrize("override,field,fix", [
+    ("adaptive.a=2", "adaptive", "<= 1"),  # the one-sided mixtures need a, b <= 1: says so and the fix
+    ("adaptive.final=1", "adaptive.final", "less than 1"),
+    ("adaptive.futility=1.5", "adaptive.futility", "less than 1"),
+    ("adaptive.futility=-0.1", "adaptive.futility", "greater than or equal to 0"),
+    ("adaptive.bound=robbins", "adaptive.bound", "hybrid"),
+])
+def test_bad_adaptive_settings_name_the_field(override, field, fix):
+    with pytest.raises(ConfigError) as err:
+        load_config(data=base(), overrides=["sampling=adaptive", override])
+    assert field in str(err.value) and fix in str(err.value)
+    if override == "adaptive.a=2":
+        assert "use the default 0.5" in str(err.value)
+        # a larger prior is fine for the two-sided mixture
+        assert load_config(data=base(), overrides=["sampling=adaptive", "adaptive.bound=betabin", override])
 
 
 def test_sigma_template_and_bundled_sources():

@@ -53,13 +53,12 @@ class Stub:
         return np.array(out, dtype=np.int64)
 
 
-def plan(stop=True, bound="staged", n_max=N_MAX):
+def plan(stop=True, bound="staged", n_max=N_MAX, futility=0.0):
     params = sequential.default_bound_params(bound, BATCH, n_max)
     if bound == "staged" and not stop:
         params["looks"] = [n_max]
-    schedule = (tuple(params["looks"]) if bound == "staged" else sequential.batch_looks(BATCH, n_max)) \
-        if stop else (n_max,)
-    return AdaptivePlan(N0, n_max, ALPHA, SIGMA, tuple(DEFAULT_RADII), bound, params, schedule, stop)
+    schedule = sequential.default_schedule(bound, BATCH, n_max, params) if stop else (n_max,)
+    return AdaptivePlan(N0, n_max, ALPHA, SIGMA, tuple(DEFAULT_RADII), bound, params, schedule, stop, futility)
 
 
 def adaptive_jobs(names, p):
@@ -81,16 +80,17 @@ def reference(name, p):
 
     kw = dict(p.params)
     return sequential.sequential_certify(sample, N0, p.n_max, ALPHA, SIGMA, DEFAULT_RADII, BATCH,
-                                         bound=p.bound, stop=p.stop, num_classes=C, **kw)
+                                         bound=p.bound, stop=p.stop, futility=p.futility, num_classes=C, **kw)
 
 
 NAMES = ["a1", "b1", "c1", "d1", "e1", "a2", "c2", "e2"]
 
 
-@pytest.mark.parametrize("bound", ["staged", "betabin"])
+@pytest.mark.parametrize("bound,futility", [("staged", 0.0), ("betabin", 0.0), ("onesided", 0.1),
+                                             ("hybrid", 0.0), ("hybrid", 0.1)])
 @pytest.mark.parametrize("batch_size", [1, 16, 64])
-def test_engine_stops_where_sequential_certify_stops(bound, batch_size):
-    p = plan(bound=bound)
+def test_engine_stops_where_sequential_certify_stops(bound, futility, batch_size):
+    p = plan(bound=bound, futility=futility)
     sched = VoteScheduler(batch_size, C, K, unet_calls_per_row=2)
     done = list(sched.run(adaptive_jobs(NAMES, p), Stub()))
     assert [j.image_id for j in done] == NAMES  # input order
@@ -108,7 +108,7 @@ def test_engine_stops_where_sequential_certify_stops(bound, batch_size):
     assert len(reasons) >= 2 and any(j.info.n_used < N_MAX for j in done)
 
 
-@pytest.mark.parametrize("bound", ["staged", "betabin"])
+@pytest.mark.parametrize("bound", sequential.BOUNDS)
 def test_rule_off_draws_exactly_the_fixed_copies(bound):
     p = plan(stop=False, bound=bound)
     done = list(VoteScheduler(16, C, K).run(adaptive_jobs(NAMES, p), Stub()))
@@ -204,7 +204,13 @@ def test_plan_from_config_and_checks():
     cfg = load_config(data={"classifier": {"source": "x"}, "methods": [{"kind": "rs"}], "sigmas": [0.5],
                             "n": 1000, "sampling": "adaptive", "adaptive": {"batch": 100}})
     p = AdaptivePlan.from_config(cfg, 0.5)
-    assert p.n_max == 1000 and p.schedule == (100, 200, 300, 500, 800, 1000) and p.params["looks"][-1] == 1000
+    # the default rule: the hybrid bound, a look every batch, futility 0.1
+    assert p.n_max == 1000 and p.schedule == tuple(range(100, 1001, 100)) and p.bound == "hybrid"
+    assert p.params == {"a": 0.5, "b": 0.5, "final": 0.75, "n_max": 1000} and p.futility == 0.1
+    assert p.rule.futility == 0.1 and p.rule.schedule == p.schedule
     assert p.first_copies() == range(cfg.n0 + 100)
+    staged = AdaptivePlan.from_config(cfg.model_copy(update={"adaptive": cfg.adaptive.model_copy(
+        update={"bound": "staged"})}), 0.5)
+    assert staged.schedule == (100, 200, 300, 500, 800, 1000) and staged.params["looks"][-1] == 1000
     with pytest.raises(ValueError, match="n0"):
         next(make().certify_many(images(), N0 + 1, 10, adaptive=plan()))

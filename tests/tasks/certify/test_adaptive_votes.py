@@ -70,6 +70,19 @@ def test_betabin_rows(tmp_path):
     assert c["b"]["p_a_lower"] == float(sequential.anytime_lower_bound(450, 500, 0.01, "betabin", a=0.5, b=0.5))
 
 
+def test_hybrid_rows_at_any_alpha(tmp_path):
+    # the default rule's bound: the one-sided mixture below n_max, and Clopper-Pearson too at n_max
+    params = {"a": 0.5, "b": 0.5, "final": 0.75, "n_max": 1000}
+    write_votes(str(tmp_path), adaptive_table(bound="hybrid", params=json.dumps(params)))
+    for alpha in (0.001, 0.01):
+        aggregate(str(tmp_path), alpha=alpha)
+        c = certs(str(tmp_path))
+        for image, n_a, n in [("a", 200, 200), ("b", 450, 500), ("c", 560, 1000)]:
+            assert c[image]["p_a_lower"] == float(sequential.anytime_lower_bound(n_a, n, alpha, "hybrid", **params))
+            assert c[image]["bound"] == "hybrid"
+        assert c["c"]["p_a_lower"] >= float(clopper_pearson_lower(560, 1000, 0.75 * alpha))
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(bound="clopper-pearson"), "sampling, n_used, n_max or bound"),
     (dict(n_max=300), "sampling, n_used, n_max or bound"),  # n_used 500 > n_max
@@ -139,7 +152,8 @@ def test_vote_stage_writes_adaptive_rows_and_rule_off_equals_fixed(tmp_path):
         assert json.loads(r["bound_params"]) == params
     fixed, _ = run(tiny_job(tmp_path, methods=[{"kind": "rs"}], sigmas=[0.25], n0=4, n=40,
                             out=str(tmp_path / "fixed")))
-    off, _ = run(tiny_job(tmp_path, **dict(ADA, adaptive={"batch": 8, "stop": False}), out=str(tmp_path / "off")))
+    off, _ = run(tiny_job(tmp_path, **dict(ADA, adaptive={"batch": 8, "bound": "staged", "stop": False}),
+                          out=str(tmp_path / "off")))
     f, o = votes_of(fixed.out), votes_of(off.out)
     assert f.keys() == o.keys() == rows.keys()
     for key in f:
