@@ -48,7 +48,7 @@ VOTES_SCHEMA = pa.schema([
     pa.field("seed", pa.int64(), nullable=False),
     pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
     # sampling (docs/schema.md): fixed rows: n_used = n = n_max, bound "clopper-pearson", "{}";
-    # adaptive rows: n_used = n <= n_max, the anytime bound ("staged", "betabin") and its JSON
+    # adaptive rows: n_used = n <= n_max, the anytime bound (sequential.BOUNDS) and its JSON
     # parameters. Files written before these columns existed are read as fixed rows.
     pa.field("sampling", pa.string(), nullable=False),
     pa.field("n_used", pa.int32(), nullable=False),
@@ -76,7 +76,7 @@ CERTIFICATES_SCHEMA = pa.schema([
     ("radius", pa.float64()),
     ("correct", pa.bool_()),  # NULL where the label is unknown (-1)
     ("sampling", pa.string()),  # from the votes: "fixed" or "adaptive"
-    ("bound", pa.string()),  # the bound p_a_lower is: "clopper-pearson", "staged", "betabin"
+    ("bound", pa.string()),  # the bound p_a_lower is: "clopper-pearson" or one of sequential.BOUNDS
 ])
 """``OUT/tables/certificates.parquet``: CERTIFY per image, sorted by (sigma, method, image_id)."""
 

@@ -83,7 +83,7 @@ UDFS: dict[str, tuple[Any, list[str], str, str]] = {
     "anytime_lower": (_anytime_lower, ["BIGINT", "BIGINT", "DOUBLE", "VARCHAR", "VARCHAR"], "DOUBLE",
                       "anytime_lower(n_a, n_used, alpha, bound, bound_params): the anytime-valid lower "
                       "bound of adaptive sampling (densepure_core.certification.sequential.anytime_lower_bound; "
-                      "bound 'staged' or 'betabin', bound_params its JSON parameters)"),
+                      "bound one of sequential.BOUNDS, bound_params its JSON parameters)"),
     "norm_ppf": (_norm_ppf, ["DOUBLE"], "DOUBLE",
                  "norm_ppf(p): the standard normal quantile Phi^-1(p) (scipy.special.ndtri)"),
     "smoothing_radius": (_smoothing_radius, ["DOUBLE", "DOUBLE"], "DOUBLE",
