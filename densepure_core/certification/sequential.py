@@ -33,7 +33,7 @@ n_max is the larger of the two. Union bound: the mixture fails at some n with pr
 most ``(1 - final) alpha``, the fixed-n CP bound at n_max with at most ``final * alpha``. Looks are
 every ``batch`` copies (free for the mixture). A run to n_max thus keeps 3/4 of alpha for a
 fixed-n bound, so it loses (almost) nothing against fixed CERTIFY: on the default grid at
-n = 10^4 the count CERTIFY needs for radius 1.5 at sigma 0.5 is unchanged down to 0.70 alpha.
+n = 10^4 the count CERTIFY needs for radius 1.5 at sigma 0.5 is unchanged down to 0.71 alpha.
 
 ``"onesided"``: the one-sided (truncated) beta-binomial mixture of Howard, Ramdas, McAuliffe,
 Sekhon ("Time-uniform, nonparametric, nonasymptotic confidence sequences", Ann. Statist. 2021;

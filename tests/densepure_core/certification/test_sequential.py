@@ -234,6 +234,30 @@ def test_hybrid_is_the_mixture_and_clopper_pearson_at_n_max():
     assert anytime_lower_bound(990, 1000, alpha, "hybrid", **kw) == clopper_pearson_lower(990, 1000, 0.75 * alpha)
 
 
+def test_hybrid_at_n_max_needs_fixed_certifys_counts_near_one():
+    # docs/sequential.md: with 3/4 of alpha at n_max the counts for r = 1.25 and 1.5 at sigma 0.5
+    # (n = 10,000, alpha = 0.001) are fixed CERTIFY's, and 1.5's stays so down to 0.71 alpha.
+    thr = special.ndtr(np.array([1.25, 1.5]) / 0.5)
+    fixed = min_counts([10_000], thr, 0.001, "staged", looks=[10_000])[0]
+    for final, same in [(0.75, True), (0.71, True), (0.70, False)]:
+        hybrid = min_counts([10_000], thr, 0.001, "hybrid", n_max=10_000, final=final)[0]
+        assert (hybrid[1] == fixed[1]) == same and hybrid[0] == fixed[0]
+    # below: a few votes more than fixed CERTIFY (r = 0 ... 1.0)
+    low = special.ndtr(np.array([1e-12, 0.25, 0.5, 0.75, 1.0]) / 0.5)
+    extra = (min_counts([10_000], low, 0.001, "hybrid", n_max=10_000)
+             - min_counts([10_000], low, 0.001, "staged", looks=[10_000]))[0]
+    assert np.all((extra >= 0) & (extra <= 4))
+
+
+def test_unanimous_image_under_the_default_bound():
+    # the looks at which an image with every copy correct certifies r = 0.75 / 1.0 / 1.25 / 1.5
+    looks = batch_looks(100, 10_000)
+    need = min_counts(looks, special.ndtr(np.array([0.75, 1.0, 1.25, 1.5]) / 0.5), 0.001, "hybrid",
+                      **default_bound_params("hybrid", 100, 10_000))
+    first = [looks[int(np.flatnonzero(need[:, j] <= np.asarray(looks))[0])] for j in range(4)]
+    assert first == [200, 500, 1600, 7100]
+
+
 # ---------------------------------------------------------------- tables and the predictive
 
 @pytest.mark.parametrize("bound", BOUNDS)
