@@ -226,7 +226,7 @@ def validity(args, spec: dict, summary: dict) -> None:
 
 def recertify(args, spec: dict, p_a: np.ndarray, summary: dict) -> None:
     """Re-certify the default rule's stopped counts at another alpha (fixed in advance)."""
-    n0, n_max, batch, sigma, alpha = args.n0, args.n_max, args.look_batch, 0.5, args.alpha
+    n_max, batch, sigma, alpha = args.n_max, args.look_batch, 0.5, args.alpha
     rng = np.random.default_rng(args.seed)
     hits = rng.binomial(batch, p_a[:, None], size=(p_a.size, n_max // batch))
     out = run_rule(hits, batch, spec, alpha, sigma, DEFAULT_RADII)

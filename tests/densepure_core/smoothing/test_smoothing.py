@@ -194,7 +194,7 @@ import dataclasses  # noqa: E402
 from model_factory import tiny_ddpm  # noqa: E402
 
 from densepure_core.diffusion.purify import make_purifier, unet_denoiser  # noqa: E402
-from densepure_core.rng import CounterNoise, RowNoise  # noqa: E402
+from densepure_core.rng import RowNoise  # noqa: E402
 from densepure_core.smoothing import CertifiedImage, prefetch  # noqa: E402
 
 
