@@ -98,7 +98,8 @@ def test_threats_sort_by_norm_and_radius_not_by_label():
 
     rows = [{"run_id": "r", "defense": "none", "threat": t, "norm": "linf", "eps": e / 255, "attack": "pgd",
              "clean_mean": 1.0, "adv_mean": 0.0, "clean_majority": True, "adv_majority": False,
-             "clean_worst": True, "adv_worst": False, "gradient_calls": 1, "unet_calls": 0, "seconds": 1.0}
+             "clean_worst": True, "adv_worst": False, "broken_at_majority": -1, "broken_at_worst": 1,
+             "gradient_calls": 1, "unet_calls": 0, "seconds": 1.0}
             for t, e in (("linf-32", 32), ("linf-8", 8), ("linf-16", 16))]
     con = duckdb.connect()
     register_udfs(con)

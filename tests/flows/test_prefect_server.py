@@ -128,7 +128,10 @@ def test_a_worker_runs_the_certify_deployment_into_its_store_and_the_report_depl
 
     # The report deployment rebuilds report.md from the stored tables, and a store's history page.
     (out / "report.md").unlink()
+    # The report deployment runs one at a time (prefect.yaml: concurrency_limit, ENQUEUE), so a
+    # second run waits for the first; a --run-once worker takes only the first: two passes.
     report_id = _run_deployment(api, env, "report", out=str(out))
+    _work(env, tmp)
     history_id = _run_deployment(api, env, "report", out=str(store))
     _work(env, tmp)
     assert _state(api, report_id) == "COMPLETED" and _state(api, history_id) == "COMPLETED"
