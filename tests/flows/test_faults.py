@@ -102,8 +102,12 @@ def test_actor_killed_mid_shard(reference, tmp_path):
     print(f"\nactor pid {killed[0]} killed; {len(results)} shard tasks, {votes.num_rows} images, counts identical")
 
 
-@pytest.mark.parametrize("point", ["plan:after-config", "vote:mid-shard@4", "vote:during-write@4",
-                                   "aggregate:after-certificates"])
+# The two vote-stage points run by default; the points before and after the votes are `slow`
+# (make test-slow): each costs a whole run and a rerun (~1 min), and the default suite must stay
+# under 20 minutes on 2 cores (docs/testing.md).
+@pytest.mark.parametrize("point", [pytest.param("plan:after-config", marks=pytest.mark.slow),
+                                   "vote:mid-shard@4", "vote:during-write@4",
+                                   pytest.param("aggregate:after-certificates", marks=pytest.mark.slow)])
 def test_sigkill_of_the_whole_run_then_rerun(point, reference, tmp_path):
     _, _, ref_certs = reference
     data = job(tmp_path)

@@ -1,6 +1,7 @@
 """`--ray-address` that nothing answers (issue 17 item 6): one error line naming the address, in
 seconds, before anything is planned; for every command that takes it."""
 
+import re
 import socket
 import time
 
@@ -64,7 +65,7 @@ def test_joining_a_loopback_cluster_keeps_the_driver_on_loopback(tmp_path):
     # joining nodes): the drivers then read the token `ray start` wrote to ~/.ray/auth_token.
     env = child_env(RAY_AUTH_MODE="token", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=None, DENSEPURE_FAULT_PGID=None)
     log = tmp_path / "head.log"
-    with started(cmd, env=dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"), log=log):
+    with started(cmd, env=dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"), log=log) as head:
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -79,6 +80,8 @@ def test_joining_a_loopback_cluster_keeps_the_driver_on_loopback(tmp_path):
                              env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:] + log_tail(log)
         assert "| 0.5 | rs | 6 |" in run.stdout
+        assert re.search(r"computed \d+ shards, 0 already complete", run.stderr), run.stderr[-3000:]
+        assert head.poll() is None  # the cluster keeps running after the run disconnects
         jobs = subprocess.run([sys.executable, "-c", (
             "import json, ray; from tasks.common.raypool import join_ray; join_ray(%r); "
             "print(json.dumps([j['DriverIPAddress'] for j in ray._private.state.jobs()]))") % address],
