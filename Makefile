@@ -17,7 +17,7 @@ demo: setup
 	.venv/bin/densepure certify
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 # Slow tests (training, long certifications): run by `make test-slow`, see docs/testing.md.
 test-slow: setup

@@ -1,7 +1,7 @@
 """`densepure train-addt` through the real CLI on two Ray Train CPU workers (DDP over gloo): a run,
 its model, metrics, report and SQL view; a SIGKILL of the whole run (driver, Ray, workers) after
 a checkpoint, whose rerun resumes and ends with exactly the weights of the undisturbed run; and
-one worker killed mid-run, which Ray Train restarts from the checkpoint inside the same run."""
+(slow) one worker killed mid-run, which Ray Train restarts from the checkpoint inside the same run."""
 
 import os
 import signal
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 import yaml
 from model_factory import addt_job
@@ -94,13 +95,20 @@ def test_train_addt_cli_end_to_end_then_killed_run_resumes_to_the_same_weights(t
     assert "Token authentication" not in rerun.stderr and "kept in float32" not in rerun.stderr
     assert_same_state(final_state(out2), reference)
     assert metrics(out2) == (steps, reference_loss)  # every step once, the same losses
+    print(f"\nthe killed run resumed to the reference weights (losses {reference_loss})")
 
-    # One worker process killed mid-run (not the driver): Ray Train restarts the worker group
-    # from the checkpoint after step 2 (max_failures), and the run ends normally.
+
+@pytest.mark.slow  # make test-slow: a reference run and a run with a killed worker (~1.5 min)
+def test_a_killed_worker_is_restarted_from_the_checkpoint_to_the_same_weights(tmp_path):
+    """One worker process killed mid-run (not the driver): Ray Train restarts the worker group
+    from the checkpoint after step 2 (max_failures), and the run ends normally, with the weights
+    of an undisturbed run."""
+    config, data = write_config(tmp_path, "ref")
+    assert run_cli(config).returncode == 0
+    reference = final_state(data["out"])
     config3, data3 = write_config(tmp_path, "worker")
     survived = run_cli(config3, {"DENSEPURE_FAULT": "train:after-step@3", "DENSEPURE_FAULT_SIGNAL": "self",
                                  "DENSEPURE_FAULT_ONCE": str(tmp_path / "worker.once")})
     assert survived.returncode == 0, survived.stderr[-3000:]
     assert (tmp_path / "worker.once").exists()  # the fault did fire
     assert_same_state(final_state(data3["out"]), reference)
-    print(f"\nkilled run and killed worker both resumed to the reference weights (losses {reference_loss})")
