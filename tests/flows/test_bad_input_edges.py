@@ -94,6 +94,7 @@ def test_a_manifest_uri_that_never_existed_is_refused_at_plan_time(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # make test-slow (~20 s): two full runs per policy; the default run's 20-minute limit
 def test_a_decompression_bomb_and_a_float_tiff_are_bad_inputs_under_both_policies(tmp_path):
     """Item 6 (and issue 17's float TIFF): a per-image decode failure is a bad input: quarantined
     under `quarantine` (the run goes on), one clear error under `fail`."""

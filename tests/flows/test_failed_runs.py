@@ -4,6 +4,7 @@ partitions whose every image was quarantined, and which alpha the published tabl
 import json
 import shutil
 
+import pytest
 import yaml
 from cli_checks import one_error_line, snapshot
 from model_factory import image_folder, tiny_job
@@ -257,6 +258,7 @@ def test_a_run_that_failed_before_any_vote_takes_the_fix_it_was_given(tmp_path):
     assert snapshot(tmp_path / "out" / "votes") == votes
 
 
+@pytest.mark.slow  # make test-slow (~25 s): three runs; the default run's 20-minute limit
 def test_after_votes_a_removed_image_names_the_way_out_that_keeps_them(tmp_path):
     """Item 1, after voting: the last shard's corrupt image stops the run with two shards voted.
     Removing the image as advised is then "does not exist" (the plan is kept with its votes), and

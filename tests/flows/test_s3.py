@@ -87,6 +87,9 @@ def test_certify_and_query_on_s3(tmp_path, s3_endpoint, monkeypatch):
     assert "2 run(s): 2 complete" in fs.cat("results-bucket/runs/history.md").decode()
 
 
+# slow (make test-slow, ~1 min): S3's storage layer is the one certify's S3 test above covers; this adds
+# Ray Train's checkpoints on S3, kept out of the default run for its 20-minute limit.
+@pytest.mark.slow
 def test_train_addt_checkpoints_metrics_and_model_on_s3(tmp_path, s3_endpoint, monkeypatch):
     """Ray Train persists its checkpoints to OUT on S3 (through s3fs), the metrics and the model
     land there too, a rerun with more steps resumes from the S3 checkpoint, and the model loads
